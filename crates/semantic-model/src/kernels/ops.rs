@@ -1,0 +1,112 @@
+//! Element-wise kernels: RMSNorm, rotary embeddings, SwiGLU, residual add.
+//! They are a small share of a step (measured < 3% of decode); plain loops that
+//! the compiler vectorizes are enough, so there is no separate SIMD twin.
+
+/// Row-wise RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// SwiGLU on rows laid out `[gate (ff) | up (ff)]`: `out = silu(gate) * up`.
+pub fn silu_mul(gate_up: &[f32], ff: usize, out: &mut [f32]) {
+    for (gu, o) in gate_up.chunks_exact(2 * ff).zip(out.chunks_exact_mut(ff)) {
+        let (g, u) = gu.split_at(ff);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Rotary position embedding.
+///
+/// GGUF `llama` weights are permuted for the interleaved variant (pairs
+/// `x[2i], x[2i+1]`, llama.cpp's `ROPE_TYPE_NORM`); `qwen2` uses the NeoX
+/// variant (pairs `x[i], x[i + n_rot/2]`). Angles are computed per position
+/// (no fixed table), so any position up to the context length works.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    n_rot: usize,
+    neox: bool,
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(n_rot: usize, base: f32, neox: bool) -> Self {
+        let inv_freq = (0..n_rot / 2)
+            .map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / n_rot as f64))
+            .collect();
+        Self { n_rot, neox, inv_freq }
+    }
+
+    /// `(cos, sin)` of every frequency at `pos`, appended to `table`.
+    pub fn push_angles(&self, pos: usize, table: &mut Vec<(f32, f32)>) {
+        table.extend(self.inv_freq.iter().map(|f| {
+            let a = pos as f64 * f;
+            (a.cos() as f32, a.sin() as f32)
+        }));
+    }
+
+    /// Rotates every head of one token in place; `angles` from `push_angles`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, angles: &[(f32, f32)]) {
+        let half = self.n_rot / 2;
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in angles.iter().enumerate().take(half) {
+                let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+
+    pub fn n_freqs(&self) -> usize {
+        self.n_rot / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_normalizes() {
+        let x = [3.0f32, 4.0, 0.0, 0.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        assert!((out[0] - 1.2).abs() < 1e-6 && (out[1] - 3.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        for neox in [false, true] {
+            let rope = Rope::new(8, 10000.0, neox);
+            let x0: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+            let mut t = Vec::new();
+            rope.push_angles(0, &mut t);
+            let mut x = x0.clone();
+            rope.apply(&mut x, 8, &t);
+            assert_eq!(x, x0);
+            t.clear();
+            rope.push_angles(1234, &mut t);
+            rope.apply(&mut x, 8, &t);
+            let n0: f32 = x0.iter().map(|v| v * v).sum();
+            let n1: f32 = x.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+            assert_ne!(x, x0);
+        }
+    }
+}

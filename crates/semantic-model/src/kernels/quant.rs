@@ -1,0 +1,204 @@
+//! GGML block formats of the weights we run natively, our activation format,
+//! and the scalar reference dot products.
+//!
+//! Weights (as stored in GGUF, 32 values per block):
+//! - `Q4_0`: `d: f16, qs: [u8; 16]`, value `(q - 8) * d`
+//! - `Q4_1`: `d: f16, m: f16, qs: [u8; 16]`, value `q * d + m`
+//! - `Q8_0`: `d: f16, qs: [i8; 32]`, value `q * d`
+//!
+//! For 4-bit blocks, value `j < 16` is the low nibble of `qs[j]` and value
+//! `j >= 16` the high nibble of `qs[j - 16]`.
+//!
+//! Activations are quantized per row to [`BlockQ8A`] (like GGML's Q8_1 but with
+//! f32 scales): `q = round(x / d)`, `d = max|x| / 127`, and `s = d * sum(q)` so
+//! the offset term of Q4_0/Q4_1 costs one multiply per block:
+//!
+//! ```text
+//! dot(Q4_1 w, Q8A a) = d_w * d_a * sum(q_w * q_a) + m_w * s_a
+//! dot(Q4_0 w, Q8A a) = d_w * d_a * sum(q_w * q_a) - 8 * d_w * s_a
+//! ```
+
+use half::f16;
+
+pub const QK: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; 32],
+}
+
+/// One quantized block of an activation row.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8A {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ8A>() == 40);
+
+impl BlockQ8A {
+    pub const ZERO: Self = Self { d: 0.0, s: 0.0, qs: [0; 32] };
+}
+
+/// Quantized weight formats with a native kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QType {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QType {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
+    }
+}
+
+/// Reads block `i` of a byte buffer of blocks (GGUF data is only 1-aligned
+/// for our purposes, so blocks are read unaligned).
+#[inline(always)]
+pub fn read_block<T: Copy>(bytes: &[u8], i: usize) -> T {
+    let size = std::mem::size_of::<T>();
+    let b = &bytes[i * size..(i + 1) * size];
+    // SAFETY: `b` holds exactly size_of::<T>() bytes and T is a plain
+    // repr(C) block of integers and f16 values, valid for any bit pattern.
+    unsafe { std::ptr::read_unaligned(b.as_ptr() as *const T) }
+}
+
+/// Dequantizes one row of `n` values (a multiple of 32).
+pub fn dequantize_row(ty: QType, row: &[u8], out: &mut [f32]) {
+    for (i, chunk) in out.chunks_exact_mut(QK).enumerate() {
+        match ty {
+            QType::Q4_0 => {
+                let b: BlockQ4_0 = read_block(row, i);
+                let d = b.d.to_f32();
+                for j in 0..16 {
+                    chunk[j] = ((b.qs[j] & 0xf) as f32 - 8.0) * d;
+                    chunk[j + 16] = ((b.qs[j] >> 4) as f32 - 8.0) * d;
+                }
+            }
+            QType::Q4_1 => {
+                let b: BlockQ4_1 = read_block(row, i);
+                let (d, m) = (b.d.to_f32(), b.m.to_f32());
+                for j in 0..16 {
+                    chunk[j] = (b.qs[j] & 0xf) as f32 * d + m;
+                    chunk[j + 16] = (b.qs[j] >> 4) as f32 * d + m;
+                }
+            }
+            QType::Q8_0 => {
+                let b: BlockQ8_0 = read_block(row, i);
+                let d = b.d.to_f32();
+                for j in 0..32 {
+                    chunk[j] = b.qs[j] as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+/// Scalar reference: quantizes one activation row (length a multiple of 32).
+pub fn quantize_row_q8a_scalar(x: &[f32], out: &mut [BlockQ8A]) {
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let mut sum = 0i32;
+        for (q, v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+/// Quantizes one activation row, with AVX2 where available.
+pub fn quantize_row_q8a(x: &[f32], out: &mut [BlockQ8A]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    #[cfg(target_arch = "x86_64")]
+    if super::simd_available() {
+        // SAFETY: the CPU supports AVX2/FMA/F16C (checked above).
+        unsafe { super::matmul::avx2::quantize_row_q8a(x, out) };
+        return;
+    }
+    quantize_row_q8a_scalar(x, out)
+}
+
+/// Scalar reference: dot product of one weight row with one activation row.
+pub fn vec_dot_scalar(ty: QType, w: &[u8], a: &[BlockQ8A]) -> f32 {
+    let mut sum = 0f32;
+    for (i, ab) in a.iter().enumerate() {
+        let (isum, d, m) = match ty {
+            QType::Q4_0 => {
+                let b: BlockQ4_0 = read_block(w, i);
+                let d = b.d.to_f32();
+                (nibble_dot(&b.qs, &ab.qs), d, -8.0 * d)
+            }
+            QType::Q4_1 => {
+                let b: BlockQ4_1 = read_block(w, i);
+                (nibble_dot(&b.qs, &ab.qs), b.d.to_f32(), b.m.to_f32())
+            }
+            QType::Q8_0 => {
+                let b: BlockQ8_0 = read_block(w, i);
+                let isum = b.qs.iter().zip(&ab.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
+                (isum, b.d.to_f32(), 0.0)
+            }
+        };
+        sum += d * ab.d * isum as f32 + m * ab.s;
+    }
+    sum
+}
+
+fn nibble_dot(qs: &[u8; 16], a: &[i8; 32]) -> i32 {
+    (0..16)
+        .map(|j| (qs[j] & 0xf) as i32 * a[j] as i32 + (qs[j] >> 4) as i32 * a[j + 16] as i32)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let mut q = vec![BlockQ8A::ZERO; 3];
+        quantize_row_q8a_scalar(&x, &mut q);
+        for (i, v) in x.iter().enumerate() {
+            let b = &q[i / 32];
+            assert!((b.qs[i % 32] as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+        }
+        let mut simd = vec![BlockQ8A::ZERO; 3];
+        quantize_row_q8a(&x, &mut simd);
+        for (a, b) in q.iter().zip(&simd) {
+            assert_eq!(a.qs, b.qs);
+            assert!((a.d - b.d).abs() < 1e-7 && (a.s - b.s).abs() < 1e-4);
+        }
+    }
+}

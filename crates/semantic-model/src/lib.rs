@@ -1,0 +1,17 @@
+//! The model side of `semantic`: GGUF loading, the tokenizer and chat template
+//! taken from GGUF metadata, a llama-family forward pass over the paged KV pool
+//! of `semantic-kv`, our CPU kernels, and sampling.
+//!
+//! The model holds no per-sequence state: [`LlamaModel::forward`] takes a
+//! [`semantic_core::StepPlan`] (plain data: token ids, positions, block tables)
+//! and the pool, and returns logits only for the positions the plan asks for.
+
+pub mod chat;
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod llama;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::ModelError;
