@@ -10,8 +10,14 @@ pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod linear;
 pub mod llama;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use error::ModelError;
+pub use gguf::{GgufFile, ModelConfig};
+pub use llama::LlamaModel;
+pub use sampling::Sampler;
+pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -233,6 +233,7 @@ pub(crate) mod avx2 {
             let blk = wp.add(i * bb);
             let d = f16_at(blk);
             let m = if Q41 { f16_at(blk.add(2)) } else { -8.0 * d };
+            // Q4_0: bias uses the exact integer sum; Q4_1: GGML's rounded `s`.
             let qs = _mm_loadu_si128(blk.add(if Q41 { 4 } else { 2 }) as *const __m128i);
             let lo = _mm_and_si128(qs, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
@@ -242,7 +243,7 @@ pub(crate) mod avx2 {
                 let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[j]);
-                bias[j] += m * a.s;
+                bias[j] += if Q41 { m * a.s } else { m * a.d * a.sum as f32 };
             }
         }
         for j in 0..NA {
@@ -274,7 +275,8 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// AVX2 twin of `quantize_row_q8a_scalar` (round half to even in both).
+    /// AVX2 twin of `quantize_row_q8a_scalar`, bit for bit: rounds half away
+    /// from zero (round to nearest even, then moves exact ties outwards).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn quantize_row_q8a(x: &[f32], out: &mut [BlockQ8A]) {
         let sign = _mm256_set1_ps(-0.0);
@@ -291,9 +293,15 @@ pub(crate) mod avx2 {
             let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
             let d = _mm_cvtss_f32(m1) / 127.0;
             let id = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+            let half = _mm256_set1_ps(0.5);
             let q = v.map(|vi| {
-                let r = _mm256_round_ps(_mm256_mul_ps(vi, id), _MM_FROUND_TO_NEAREST_INT);
-                _mm256_cvtps_epi32(r)
+                let x = _mm256_mul_ps(vi, id);
+                let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
+                let tie = _mm256_cmp_ps(frac, half, _CMP_EQ_OQ);
+                let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0)));
+                let r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm256_cvtps_epi32(_mm256_blendv_ps(r, away, tie))
             });
             let s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
             let s = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
@@ -304,8 +312,7 @@ pub(crate) mod avx2 {
             let p23 = _mm256_packs_epi32(q[2], q[3]);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
             _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
-            b.d = d;
-            b.s = d * sum as f32;
+            b.set_scales(d, sum);
         }
     }
 }

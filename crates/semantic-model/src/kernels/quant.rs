@@ -9,13 +9,16 @@
 //! For 4-bit blocks, value `j < 16` is the low nibble of `qs[j]` and value
 //! `j >= 16` the high nibble of `qs[j - 16]`.
 //!
-//! Activations are quantized per row to [`BlockQ8A`] (like GGML's Q8_1 but with
-//! f32 scales): `q = round(x / d)`, `d = max|x| / 127`, and `s = d * sum(q)` so
-//! the offset term of Q4_0/Q4_1 costs one multiply per block:
+//! Activations are quantized per row to [`BlockQ8A`], bit for bit as GGML's
+//! `Q8_1` (and, without `s`, `Q8_0`): `d = max|x| / 127`, `q = round(x / d)`
+//! (half away from zero), `d` stored rounded to f16, `s = f16(f16(sum q) * d)`.
+//! Matching GGML's rounding keeps our logits within float-summation noise of
+//! llama.cpp and candle instead of a second, different quantization error.
+//! The offset term of Q4_0/Q4_1 costs one multiply per block:
 //!
 //! ```text
 //! dot(Q4_1 w, Q8A a) = d_w * d_a * sum(q_w * q_a) + m_w * s_a
-//! dot(Q4_0 w, Q8A a) = d_w * d_a * sum(q_w * q_a) - 8 * d_w * s_a
+//! dot(Q4_0 w, Q8A a) = d_w * d_a * (sum(q_w * q_a) - 8 * sum(q_a))
 //! ```
 
 use half::f16;
@@ -48,18 +51,32 @@ pub struct BlockQ8_0 {
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ8A {
+    /// Scale, an f16 value widened to f32.
     pub d: f32,
+    /// `d * sum(qs)` rounded as GGML's Q8_1 does (for Q4_1's offset).
     pub s: f32,
+    /// `sum(qs)`, exact (for Q4_0's offset).
+    pub sum: i32,
+    _pad: i32,
     pub qs: [i8; 32],
 }
 
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
-const _: () = assert!(std::mem::size_of::<BlockQ8A>() == 40);
+const _: () = assert!(std::mem::size_of::<BlockQ8A>() == 48);
 
 impl BlockQ8A {
-    pub const ZERO: Self = Self { d: 0.0, s: 0.0, qs: [0; 32] };
+    pub const ZERO: Self = Self { d: 0.0, s: 0.0, sum: 0, _pad: 0, qs: [0; 32] };
+
+    /// Fills `d`, `s` and `sum` from the unrounded scale and the quants.
+    #[inline(always)]
+    pub fn set_scales(&mut self, d: f32, sum: i32) {
+        let d16 = f16::from_f32(d);
+        self.d = d16.to_f32();
+        self.s = (f16::from_f32(sum as f32) * d16).to_f32();
+        self.sum = sum;
+    }
 }
 
 /// Quantized weight formats with a native kernel.
@@ -130,11 +147,10 @@ pub fn quantize_row_q8a_scalar(x: &[f32], out: &mut [BlockQ8A]) {
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = (v * id).round() as i8;
             sum += *q as i32;
         }
-        b.d = d;
-        b.s = d * sum as f32;
+        b.set_scales(d, sum);
     }
 }
 
@@ -157,8 +173,7 @@ pub fn vec_dot_scalar(ty: QType, w: &[u8], a: &[BlockQ8A]) -> f32 {
         let (isum, d, m) = match ty {
             QType::Q4_0 => {
                 let b: BlockQ4_0 = read_block(w, i);
-                let d = b.d.to_f32();
-                (nibble_dot(&b.qs, &ab.qs), d, -8.0 * d)
+                (nibble_dot(&b.qs, &ab.qs) - 8 * ab.sum, b.d.to_f32(), 0.0)
             }
             QType::Q4_1 => {
                 let b: BlockQ4_1 = read_block(w, i);
@@ -187,18 +202,24 @@ mod tests {
 
     #[test]
     fn quantize_round_trips_within_half_a_step() {
-        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        // Includes exact ties (x / d = k + 0.5) that must round away from zero.
+        let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -3.5;
+        x[3] = 0.5;
         let mut q = vec![BlockQ8A::ZERO; 3];
         quantize_row_q8a_scalar(&x, &mut q);
         for (i, v) in x.iter().enumerate() {
             let b = &q[i / 32];
-            assert!((b.qs[i % 32] as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+            assert!((b.qs[i % 32] as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-3);
         }
+        assert_eq!(&q[0].qs[..4], &[127, 3, -4, 1]);
         let mut simd = vec![BlockQ8A::ZERO; 3];
         quantize_row_q8a(&x, &mut simd);
         for (a, b) in q.iter().zip(&simd) {
             assert_eq!(a.qs, b.qs);
-            assert!((a.d - b.d).abs() < 1e-7 && (a.s - b.s).abs() < 1e-4);
+            assert_eq!((a.d, a.s, a.sum), (b.d, b.s, b.sum));
         }
     }
 }
