@@ -4,12 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("model file {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path} is not a GGUF file: {reason}")]
     NotGguf { path: PathBuf, reason: String },
     #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, smollm)")]

