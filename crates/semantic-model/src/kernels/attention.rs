@@ -87,8 +87,8 @@ pub fn paged_attention(
         }
         attend_scalar(qh, o, &args, shape);
     };
-    if items.len() >= 4 {
-        items.par_iter().for_each(run);
+    if items.len() >= 2 {
+        items.par_iter().with_max_len(1).for_each(run);
     } else {
         items.iter().for_each(run);
     }

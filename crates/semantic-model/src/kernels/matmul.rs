@@ -26,6 +26,8 @@ use super::SendPtr;
 
 /// Activation rows unpacked against one weight block at a time.
 pub const TILE: usize = 4;
+/// Weight rows computed together (independent accumulators).
+pub const ROWS: usize = 4;
 
 /// A quantized weight matrix `[rows (outputs), cols (inputs)]`, row-major
 /// GGML blocks, owned (copied out of the GGUF so the file can be unmapped).
@@ -113,11 +115,13 @@ pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
     assert_eq!(out.len(), n_x * w.rows, "output size");
     let simd = super::simd_available();
-    // Enough chunks to balance two threads, each big enough to hide overhead.
+    // Enough chunks to balance the threads, each with >= 16 KiB of weights
+    // (or the equivalent in activation work) to hide the task overhead.
     let threads = rayon::current_num_threads().max(1);
-    let work = w.rows * n_x.max(4);
-    let n_chunks = (work / 2048).clamp(1, threads * 4).min(w.rows);
-    let chunk_rows = w.rows.div_ceil(n_chunks);
+    let work = w.rows * w.row_bytes() * n_x.div_ceil(TILE);
+    let n_chunks = (work / 16384).clamp(1, threads * 4).min(w.rows.div_ceil(ROWS));
+    let chunk_rows = w.rows.div_ceil(n_chunks).next_multiple_of(ROWS);
+    let n_chunks = w.rows.div_ceil(chunk_rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let run = |c: usize| {
         let r0 = c * chunk_rows;
@@ -143,28 +147,35 @@ fn rows_kernel(
     out: &mut [f32],
     simd: bool,
 ) {
-    for r in rows {
-        let wr = w.row(r);
+    let mut r = rows.start;
+    while r < rows.end {
+        let rw = (rows.end - r).min(ROWS);
         let mut b0 = 0;
         while b0 < n_x {
             let t = (n_x - b0).min(TILE);
-            let mut res = [0f32; TILE];
+            let mut res = [[0f32; TILE]; ROWS];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: AVX2/FMA/F16C present; `wr` holds nb blocks and
-                // rows b0..b0+t of `x` hold nb blocks each.
-                unsafe { avx2::dot_tile(w.ty, wr, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
+                let wr = &w.data[r * w.row_bytes()..(r + rw) * w.row_bytes()];
+                // SAFETY: AVX2/FMA/F16C present; `wr` holds rw rows of nb
+                // blocks and rows b0..b0+t of `x` hold nb blocks each.
+                unsafe { avx2::dot_tile(w.ty, wr, rw, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
             }
             if !simd {
-                for (j, v) in res.iter_mut().enumerate().take(t) {
-                    *v = vec_dot_scalar(w.ty, wr, &x[(b0 + j) * nb..(b0 + j + 1) * nb]);
+                for (i, rr) in res.iter_mut().enumerate().take(rw) {
+                    for (j, v) in rr.iter_mut().enumerate().take(t) {
+                        *v = vec_dot_scalar(w.ty, w.row(r + i), &x[(b0 + j) * nb..(b0 + j + 1) * nb]);
+                    }
                 }
             }
-            for (j, v) in res.iter().enumerate().take(t) {
-                out[(b0 + j) * w.rows + r] = *v;
+            for (i, rr) in res.iter().enumerate().take(rw) {
+                for (j, v) in rr.iter().enumerate().take(t) {
+                    out[(b0 + j) * w.rows + r + i] = *v;
+                }
             }
             b0 += t;
         }
+        r += rw;
     }
 }
 
@@ -173,7 +184,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::quant::{BlockQ8A, QType, QK};
-    use super::TILE;
+    use super::{ROWS, TILE};
 
     #[inline(always)]
     pub(crate) unsafe fn hsum(v: __m256) -> f32 {
@@ -189,89 +200,139 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// Computes `out[i][j] = dot(w row i, x row j)` for `rw` weight rows and
+    /// `t` activation rows. Full tiles use RW x NA independent accumulators
+    /// (ILP hides the FMA latency); partial tiles fall back to 1-row kernels.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn dot_tile(
         ty: QType,
         w: &[u8],
+        rw: usize,
         x: &[BlockQ8A],
         nb: usize,
         t: usize,
-        out: &mut [f32; TILE],
+        out: &mut [[f32; TILE]; ROWS],
     ) {
-        match (ty, t) {
-            (QType::Q4_1, 1) => dot_q4::<1, true>(w, x, nb, out),
-            (QType::Q4_1, 2) => dot_q4::<2, true>(w, x, nb, out),
-            (QType::Q4_1, 3) => dot_q4::<3, true>(w, x, nb, out),
-            (QType::Q4_1, _) => dot_q4::<4, true>(w, x, nb, out),
-            (QType::Q4_0, 1) => dot_q4::<1, false>(w, x, nb, out),
-            (QType::Q4_0, 2) => dot_q4::<2, false>(w, x, nb, out),
-            (QType::Q4_0, 3) => dot_q4::<3, false>(w, x, nb, out),
-            (QType::Q4_0, _) => dot_q4::<4, false>(w, x, nb, out),
-            (QType::Q8_0, 1) => dot_q8::<1>(w, x, nb, out),
-            (QType::Q8_0, 2) => dot_q8::<2>(w, x, nb, out),
-            (QType::Q8_0, 3) => dot_q8::<3>(w, x, nb, out),
-            (QType::Q8_0, _) => dot_q8::<4>(w, x, nb, out),
+        macro_rules! tiles {
+            ($f:ident, $($extra:tt)*) => {
+                match (rw, t) {
+                    (4, 1) => $f::<4, 1 $($extra)*>(w, x, nb, out),
+                    (4, 2) => $f::<4, 2 $($extra)*>(w, x, nb, out),
+                    (4, 3) => { $f::<2, 3 $($extra)*>(w, x, nb, out); tail::<3>(ty, w, x, nb, out) }
+                    (4, _) => { $f::<2, 4 $($extra)*>(w, x, nb, out); tail::<4>(ty, w, x, nb, out) }
+                    (r, t) => {
+                        for i in 0..r {
+                            let wr = &w[i * w.len() / r..(i + 1) * w.len() / r];
+                            let mut one = [[0f32; TILE]; ROWS];
+                            match t {
+                                1 => $f::<1, 1 $($extra)*>(wr, x, nb, &mut one),
+                                2 => $f::<1, 2 $($extra)*>(wr, x, nb, &mut one),
+                                3 => $f::<1, 3 $($extra)*>(wr, x, nb, &mut one),
+                                _ => $f::<1, 4 $($extra)*>(wr, x, nb, &mut one),
+                            }
+                            out[i] = one[0];
+                        }
+                    }
+                }
+            };
+        }
+        match ty {
+            QType::Q4_1 => tiles!(dot_q4, , true),
+            QType::Q4_0 => tiles!(dot_q4, , false),
+            QType::Q8_0 => tiles!(dot_q8,),
         }
     }
 
-    /// Q4_0 (`Q41 = false`, offset -8 d) or Q4_1 (offset m) against NA rows.
+    /// Rows 2 and 3 of a 4-row tile that ran as 2 rows (register pressure).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4<const NA: usize, const Q41: bool>(
+    unsafe fn tail<const NA: usize>(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; TILE]; ROWS]) {
+        let half = &w[w.len() / 2..];
+        let mut two = [[0f32; TILE]; ROWS];
+        match ty {
+            QType::Q4_1 => dot_q4::<2, NA, true>(half, x, nb, &mut two),
+            QType::Q4_0 => dot_q4::<2, NA, false>(half, x, nb, &mut two),
+            QType::Q8_0 => dot_q8::<2, NA>(half, x, nb, &mut two),
+        }
+        out[2] = two[0];
+        out[3] = two[1];
+    }
+
+    /// Q4_0 (`Q41 = false`, offset -8 d) or Q4_1 (offset m): RW weight rows
+    /// (consecutive in `w`) against NA activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4<const RW: usize, const NA: usize, const Q41: bool>(
         w: &[u8],
         x: &[BlockQ8A],
         nb: usize,
-        out: &mut [f32; TILE],
+        out: &mut [[f32; TILE]; ROWS],
     ) {
         let bb = if Q41 { 20 } else { 18 };
+        let row_bytes = nb * bb;
         let mask = _mm_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); NA];
-        let mut bias = [0f32; NA];
+        let mut acc = [[_mm256_setzero_ps(); NA]; RW];
+        let mut bias = [[0f32; NA]; RW];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         for i in 0..nb {
-            let blk = wp.add(i * bb);
-            let d = f16_at(blk);
-            let m = if Q41 { f16_at(blk.add(2)) } else { -8.0 * d };
-            // Q4_0: bias uses the exact integer sum; Q4_1: GGML's rounded `s`.
-            let qs = _mm_loadu_si128(blk.add(if Q41 { 4 } else { 2 }) as *const __m128i);
-            let lo = _mm_and_si128(qs, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-            let wq = _mm256_set_m128i(hi, lo);
-            for j in 0..NA {
-                let a = &*xp.add(j * nb + i);
-                let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[j]);
-                bias[j] += if Q41 { m * a.s } else { m * a.d * a.sum as f32 };
+            for r in 0..RW {
+                let blk = wp.add(r * row_bytes + i * bb);
+                let d = f16_at(blk);
+                // Q4_1: offset m times GGML's rounded `s`; Q4_0: -8 d times
+                // the exact integer sum of the activation block.
+                let m = if Q41 { f16_at(blk.add(2)) } else { -8.0 * d };
+                let qs = _mm_loadu_si128(blk.add(if Q41 { 4 } else { 2 }) as *const __m128i);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                let wq = _mm256_set_m128i(hi, lo);
+                for j in 0..NA {
+                    let a = &*xp.add(j * nb + i);
+                    let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    bias[r][j] += if Q41 { m * a.s } else { m * a.d * a.sum as f32 };
+                }
             }
         }
-        for j in 0..NA {
-            out[j] = hsum(acc[j]) + bias[j];
+        for r in 0..RW {
+            for j in 0..NA {
+                out[r][j] = hsum(acc[r][j]) + bias[r][j];
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8<const NA: usize>(w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [f32; TILE]) {
+    unsafe fn dot_q8<const RW: usize, const NA: usize>(
+        w: &[u8],
+        x: &[BlockQ8A],
+        nb: usize,
+        out: &mut [[f32; TILE]; ROWS],
+    ) {
+        let row_bytes = nb * 34;
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); NA];
+        let mut acc = [[_mm256_setzero_ps(); NA]; RW];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         for i in 0..nb {
-            let blk = wp.add(i * 34);
-            let d = f16_at(blk);
-            let wq = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let wabs = _mm256_sign_epi8(wq, wq);
-            for j in 0..NA {
-                let a = &*xp.add(j * nb + i);
-                let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, wq));
-                let p = _mm256_madd_epi16(p, ones);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[j]);
+            for r in 0..RW {
+                let blk = wp.add(r * row_bytes + i * 34);
+                let d = f16_at(blk);
+                let wq = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let wabs = _mm256_sign_epi8(wq, wq);
+                for j in 0..NA {
+                    let a = &*xp.add(j * nb + i);
+                    let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, wq));
+                    let p = _mm256_madd_epi16(p, ones);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                }
             }
         }
-        for j in 0..NA {
-            out[j] = hsum(acc[j]);
+        for r in 0..RW {
+            for j in 0..NA {
+                out[r][j] = hsum(acc[r][j]);
+            }
         }
     }
 
