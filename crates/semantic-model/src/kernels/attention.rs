@@ -72,15 +72,27 @@ pub fn paged_attention(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let run = |&(si, t0, nt, g): &(usize, usize, usize, usize)| {
         let s = &seqs[si];
-        let keys = Keys { pool, layer, kv_head: g, table: s.block_table, n_keys: s.start_pos + t0 + nt };
-        let rows: Vec<usize> = (0..nt).map(|t| (s.first_row + t0 + t) * width + g * len).collect();
+        let keys = Keys {
+            pool,
+            layer,
+            kv_head: g,
+            table: s.block_table,
+            n_keys: s.start_pos + t0 + nt,
+        };
+        let rows: Vec<usize> = (0..nt)
+            .map(|t| (s.first_row + t0 + t) * width + g * len)
+            .collect();
         #[cfg(target_arch = "x86_64")]
         if simd {
             let outs = rows.iter().map(|&off| {
                 // SAFETY: each (token, kv head) owns a disjoint range of `out`.
                 unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) }
             });
-            let tile = QueryTile { q, rows: &rows, len };
+            let tile = QueryTile {
+                q,
+                rows: &rows,
+                len,
+            };
             // SAFETY: AVX2/FMA/F16C checked by simd_available().
             unsafe { avx2::attend_tile(&tile, outs.collect(), &keys, shape) };
             return;
@@ -88,7 +100,10 @@ pub fn paged_attention(
         for (t, &off) in rows.iter().enumerate() {
             // SAFETY: as above.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) };
-            let k = Keys { n_keys: s.start_pos + t0 + t + 1, ..keys };
+            let k = Keys {
+                n_keys: s.start_pos + t0 + t + 1,
+                ..keys
+            };
             attend_scalar(&q[off..off + len], o, &k, shape);
         }
     };
@@ -126,8 +141,13 @@ pub fn attend_scalar(q: &[f32], out: &mut [f32], keys: &Keys<'_>, shape: AttnSha
     let hd = shape.head_dim;
     let bs = keys.pool.layout().block_size;
     let key = |j: usize, kv: usize| -> Vec<f32> {
-        let run = keys.pool.run(keys.table[j / bs], keys.layer, kv, keys.kv_head);
-        run[(j % bs) * hd..(j % bs + 1) * hd].iter().map(|v| v.to_f32()).collect()
+        let run = keys
+            .pool
+            .run(keys.table[j / bs], keys.layer, kv, keys.kv_head);
+        run[(j % bs) * hd..(j % bs + 1) * hd]
+            .iter()
+            .map(|v| v.to_f32())
+            .collect()
     };
     for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         let scores: Vec<f32> = (0..keys.n_keys)
@@ -233,25 +253,46 @@ mod avx2 {
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
             y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
         }
-        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0)));
-        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(x, x),
+            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
+            23,
+        );
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
     }
 
     /// Online softmax for a tile of queries: each K/V block is converted
     /// once for all of them; query `t` stops at its own causal limit.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend_tile(tile: &QueryTile<'_>, mut outs: Vec<&mut [f32]>, keys: &Keys<'_>, shape: AttnShape) {
+    pub(super) unsafe fn attend_tile(
+        tile: &QueryTile<'_>,
+        mut outs: Vec<&mut [f32]>,
+        keys: &Keys<'_>,
+        shape: AttnShape,
+    ) {
         let hd = shape.head_dim;
         let bs = keys.pool.layout().block_size;
         let nt = tile.rows.len();
         let group = tile.len / hd;
-        if hd % 8 != 0 || hd > MAX_HD || bs > MAX_BLOCK || group > MAX_GROUP {
+        if !hd.is_multiple_of(8) || hd > MAX_HD || bs > MAX_BLOCK || group > MAX_GROUP {
             for (t, o) in outs.iter_mut().enumerate() {
-                let k = Keys { n_keys: keys.n_keys - (nt - 1 - t), ..*keys };
+                let k = Keys {
+                    n_keys: keys.n_keys - (nt - 1 - t),
+                    ..*keys
+                };
                 super::attend_scalar(&tile.q[tile.rows[t]..tile.rows[t] + tile.len], o, &k, shape);
             }
             return;
@@ -320,16 +361,31 @@ mod tests {
     use semantic_kv::{BlockTable, KvLayout};
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     #[test]
     fn simd_attention_equals_scalar_reference() {
         let mut seed = 3;
-        let cases = [(1, 1, 8, 4, 1), (9, 3, 64, 16, 1), (9, 3, 64, 16, 37), (8, 2, 32, 8, 100), (4, 4, 128, 16, 17), (6, 1, 16, 32, 70), (9, 3, 64, 16, 90)];
+        let cases = [
+            (1, 1, 8, 4, 1),
+            (9, 3, 64, 16, 1),
+            (9, 3, 64, 16, 37),
+            (8, 2, 32, 8, 100),
+            (4, 4, 128, 16, 17),
+            (6, 1, 16, 32, 70),
+            (9, 3, 64, 16, 90),
+        ];
         for (n_heads, n_kv, hd, bs, n_tok) in cases {
-            let layout = KvLayout { n_layers: 2, n_kv_heads: n_kv, head_dim: hd, block_size: bs };
+            let layout = KvLayout {
+                n_layers: 2,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                block_size: bs,
+            };
             let mut pool = KvPool::new(layout, 16);
             // Scatter the table so blocks are not in order.
             let mut t = BlockTable::default();
@@ -342,22 +398,41 @@ mod tests {
                 let v: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed)).collect();
                 pool.write_token(table.blocks(), 1, pos, &k, &v);
             }
-            let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+            let shape = AttnShape {
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
             let n_new = n_tok.min(if n_tok == 90 { 40 } else { 5 });
             let q: Vec<f32> = (0..n_new * n_heads * hd).map(|_| lcg(&mut seed)).collect();
             let mut out = vec![0f32; q.len()];
-            let seq = AttnSeq { block_table: table.blocks(), start_pos: n_tok - n_new, n_new, first_row: 0 };
+            let seq = AttnSeq {
+                block_table: table.blocks(),
+                start_pos: n_tok - n_new,
+                n_new,
+                first_row: 0,
+            };
             paged_attention(&q, &mut out, &pool, 1, &[seq], shape);
             let group = n_heads / n_kv;
             for t in 0..n_new {
                 for g in 0..n_kv {
                     let off = t * n_heads * hd + g * group * hd;
                     let len = group * hd;
-                    let keys = Keys { pool: &pool, layer: 1, kv_head: g, table: table.blocks(), n_keys: n_tok - n_new + t + 1 };
+                    let keys = Keys {
+                        pool: &pool,
+                        layer: 1,
+                        kv_head: g,
+                        table: table.blocks(),
+                        n_keys: n_tok - n_new + t + 1,
+                    };
                     let mut want = vec![0f32; len];
                     attend_scalar(&q[off..off + len], &mut want, &keys, shape);
                     for (a, b) in out[off..off + len].iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-4, "{n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "{n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}"
+                        );
                     }
                 }
             }

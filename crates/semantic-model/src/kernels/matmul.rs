@@ -41,21 +41,29 @@ pub struct QMatrix {
 
 impl QMatrix {
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!("{cols} columns is not a multiple of {QK}"));
         }
         let want = rows * cols / QK * ty.block_bytes();
         if data.len() != want {
             return Err(format!("{} bytes, expected {want}", data.len()));
         }
-        Ok(Self { ty, rows, cols, data })
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Stacks matrices with the same type and width (e.g. Q, K and V) so one
     /// call computes all of them from one quantized input.
     pub fn concat(parts: &[QMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.ty != first.ty || p.cols != first.cols) {
+        if parts
+            .iter()
+            .any(|p| p.ty != first.ty || p.cols != first.cols)
+        {
             return None;
         }
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
@@ -102,7 +110,8 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
     let rows: Vec<(&[f32], &mut [BlockQ8A])> =
         x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)).collect();
     if n >= 16 {
-        rows.into_par_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
+        rows.into_par_iter()
+            .for_each(|(x, q)| quantize_row_q8a(x, q));
     } else {
         rows.into_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
     }
@@ -112,14 +121,20 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
 pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     let nb = w.cols / QK;
     let n_x = x.len() / nb;
-    assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
+    assert_eq!(
+        x.len(),
+        n_x * nb,
+        "activation blocks do not match the width"
+    );
     assert_eq!(out.len(), n_x * w.rows, "output size");
     let simd = super::simd_available();
     // Enough chunks to balance the threads, each with >= 16 KiB of weights
     // (or the equivalent in activation work) to hide the task overhead.
     let threads = rayon::current_num_threads().max(1);
     let work = w.rows * w.row_bytes() * n_x.div_ceil(TILE);
-    let n_chunks = (work / 16384).clamp(1, threads * 4).min(w.rows.div_ceil(ROWS));
+    let n_chunks = (work / 16384)
+        .clamp(1, threads * 4)
+        .min(w.rows.div_ceil(ROWS));
     let chunk_rows = w.rows.div_ceil(n_chunks).next_multiple_of(ROWS);
     let n_chunks = w.rows.div_ceil(chunk_rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -159,12 +174,18 @@ fn rows_kernel(
                 let wr = &w.data[r * w.row_bytes()..(r + rw) * w.row_bytes()];
                 // SAFETY: AVX2/FMA/F16C present; `wr` holds rw rows of nb
                 // blocks and rows b0..b0+t of `x` hold nb blocks each.
-                unsafe { avx2::dot_tile(w.ty, wr, rw, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
+                unsafe {
+                    avx2::dot_tile(w.ty, wr, rw, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res)
+                };
             }
             if !simd {
                 for (i, rr) in res.iter_mut().enumerate().take(rw) {
                     for (j, v) in rr.iter_mut().enumerate().take(t) {
-                        *v = vec_dot_scalar(w.ty, w.row(r + i), &x[(b0 + j) * nb..(b0 + j + 1) * nb]);
+                        *v = vec_dot_scalar(
+                            w.ty,
+                            w.row(r + i),
+                            &x[(b0 + j) * nb..(b0 + j + 1) * nb],
+                        );
                     }
                 }
             }
@@ -180,6 +201,9 @@ fn rows_kernel(
 }
 
 #[cfg(target_arch = "x86_64")]
+// Register tiles are indexed [row][act] on purpose: the loops are unrolled
+// over const bounds and the arrays stay in registers.
+#[allow(clippy::needless_range_loop)]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
@@ -246,7 +270,13 @@ pub(crate) mod avx2 {
 
     /// Rows 2 and 3 of a 4-row tile that ran as 2 rows (register pressure).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tail<const NA: usize>(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; TILE]; ROWS]) {
+    unsafe fn tail<const NA: usize>(
+        ty: QType,
+        w: &[u8],
+        x: &[BlockQ8A],
+        nb: usize,
+        out: &mut [[f32; TILE]; ROWS],
+    ) {
         let half = &w[w.len() / 2..];
         let mut two = [[0f32; TILE]; ROWS];
         match ty {
@@ -290,7 +320,8 @@ pub(crate) mod avx2 {
                     let a = &*xp.add(j * nb + i);
                     let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    acc[r][j] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
                     bias[r][j] += if Q41 { m * a.s } else { m * a.d * a.sum as f32 };
                 }
             }
@@ -325,7 +356,8 @@ pub(crate) mod avx2 {
                     let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                     let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, wq));
                     let p = _mm256_madd_epi16(p, ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    acc[r][j] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
                 }
             }
         }
@@ -360,7 +392,8 @@ pub(crate) mod avx2 {
                 let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
                 let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
                 let tie = _mm256_cmp_ps(frac, half, _CMP_EQ_OQ);
-                let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0)));
+                let away =
+                    _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0)));
                 let r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 _mm256_cvtps_epi32(_mm256_blendv_ps(r, away, tie))
             });
@@ -384,7 +417,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -393,7 +428,9 @@ mod tests {
         let mut data: Vec<u8> = (0..n).map(|_| (lcg(seed) * 127.0) as i8 as u8).collect();
         // Keep the f16 scales finite and small: rewrite them per block.
         for b in data.chunks_exact_mut(ty.block_bytes()) {
-            let d = half::f16::from_f32(0.01 + lcg(seed).abs() * 0.02).to_bits().to_le_bytes();
+            let d = half::f16::from_f32(0.01 + lcg(seed).abs() * 0.02)
+                .to_bits()
+                .to_le_bytes();
             b[..2].copy_from_slice(&d);
             if ty == QType::Q4_1 {
                 let m = half::f16::from_f32(lcg(seed) * 0.1).to_bits().to_le_bytes();

@@ -67,7 +67,13 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ8A>() == 48);
 
 impl BlockQ8A {
-    pub const ZERO: Self = Self { d: 0.0, s: 0.0, sum: 0, _pad: 0, qs: [0; 32] };
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+        _pad: 0,
+        qs: [0; 32],
+    };
 
     /// Fills `d`, `s` and `sum` from the unrounded scale and the quants.
     #[inline(always)]
@@ -131,8 +137,8 @@ pub fn dequantize_row(ty: QType, row: &[u8], out: &mut [f32]) {
             QType::Q8_0 => {
                 let b: BlockQ8_0 = read_block(row, i);
                 let d = b.d.to_f32();
-                for j in 0..32 {
-                    chunk[j] = b.qs[j] as f32 * d;
+                for (o, q) in chunk.iter_mut().zip(b.qs) {
+                    *o = q as f32 * d;
                 }
             }
         }
@@ -181,7 +187,11 @@ pub fn vec_dot_scalar(ty: QType, w: &[u8], a: &[BlockQ8A]) -> f32 {
             }
             QType::Q8_0 => {
                 let b: BlockQ8_0 = read_block(w, i);
-                let isum = b.qs.iter().zip(&ab.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
+                let isum =
+                    b.qs.iter()
+                        .zip(&ab.qs)
+                        .map(|(&x, &y)| x as i32 * y as i32)
+                        .sum();
                 (isum, b.d.to_f32(), 0.0)
             }
         };
@@ -203,7 +213,9 @@ mod tests {
     #[test]
     fn quantize_round_trips_within_half_a_step() {
         // Includes exact ties (x / d = k + 0.5) that must round away from zero.
-        let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let mut x: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         x[0] = 127.0;
         x[1] = 2.5;
         x[2] = -3.5;

@@ -15,11 +15,18 @@ pub fn model_path() -> PathBuf {
     if let Ok(p) = std::env::var("SEMANTIC_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    let home = std::env::var("SEMANTIC_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/semantic")
-    });
+    let home = std::env::var("SEMANTIC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/semantic")
+        });
     let p = home.join("models").join(MODEL_FILE);
-    assert!(p.exists(), "default model missing at {}: run `cargo run --release -- model pull`", p.display());
+    assert!(
+        p.exists(),
+        "default model missing at {}: run `cargo run --release -- model pull`",
+        p.display()
+    );
     p
 }
 
@@ -31,7 +38,12 @@ pub fn load() -> (GgufFile, LlamaModel) {
 
 /// Runs `tokens` as one sequence in chunks of `chunk`, returning logits of
 /// every position; frees its blocks afterwards.
-pub fn logits_in_chunks(model: &LlamaModel, pool: &mut KvPool, tokens: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+pub fn logits_in_chunks(
+    model: &LlamaModel,
+    pool: &mut KvPool,
+    tokens: &[u32],
+    chunk: usize,
+) -> Vec<Vec<f32>> {
     let mut table = BlockTable::default();
     assert!(pool.ensure_capacity(&mut table, tokens.len()));
     let vocab = model.config().vocab_size;
