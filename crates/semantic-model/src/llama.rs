@@ -308,7 +308,7 @@ impl LlamaModel {
     fn embed_token(&self, t: u32, out: &mut [f32]) {
         let dim = self.config.dim;
         match &self.embed {
-            Embedding::Quant(m) => dequantize_row(m.qtype(), m.row(t as usize), out),
+            Embedding::Quant(m) => dequantize_row(m.qtype(), &m.row(t as usize), out),
             Embedding::Dense(v) => {
                 out.copy_from_slice(&v[t as usize * dim..(t as usize + 1) * dim])
             }

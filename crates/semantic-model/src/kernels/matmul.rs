@@ -3,21 +3,28 @@
 //!
 //! Why our own: candle 0.11's CPU quantized matmul reads the weights once per
 //! activation row (Q8_0: 16 ms per step for 1 sequence, 76 ms for 5) and its
-//! Q4_1 dot product is scalar. Here each weight row is loaded from memory once
-//! per step and unpacked once per tile of up to [`TILE`] activation rows, so a
-//! step with several sequences costs little more than one.
+//! Q4_1 dot product is scalar. Here each weight block is loaded from memory
+//! once per step and unpacked once per tile of up to [`TILE`] activation rows.
 //!
-//! Loop order (per thread, over a chunk of weight rows):
+//! Layout: at load, weights are regrouped (not requantized: the same bytes)
+//! into groups of 8 rows. For each 32-value block index, a group stores the 8
+//! rows' f16 scales side by side, then their quants interleaved 4 bytes at a
+//! time, so one 256-bit lane of 32 bits holds 4 quants of one row:
 //!
 //! ```text
-//! for each weight row r in chunk:        # row r comes from RAM once, then L1
-//!     for each tile of TILE activation rows:
-//!         for each 32-value block i:      # unpack w[r, i] once for the tile
-//!             acc[t] += d_w * d_a[t] * isum(w[r, i], a[t, i]) (+ m_w * s_a[t])
+//! group g, block i:  d[8] (f16) | m[8] (f16, Q4_1 only) | chunk 0 | chunk 1 | ...
+//! chunk c (32 bytes): row0 qs[4c..4c+4] | row1 qs[4c..4c+4] | ... | row7 qs[4c..4c+4]
 //! ```
 //!
-//! Threads split the weight rows (rayon); every task writes its own columns
-//! of `y`. The scalar reference is [`super::quant::vec_dot_scalar`].
+//! The kernel broadcasts 4 activation bytes to all lanes, so `maddubs` +
+//! `madd` yield the partial sums of 8 rows at once; scales of 8 rows are one
+//! vector, and results for 8 rows are stored contiguously. No horizontal sums.
+//! Measured on this box (2 threads, SmolLM2-135M Q4_1): decode 1 seq and 5
+//! seqs per step in the module docs of `llama.rs`' benchmark notes; the
+//! previous row-at-a-time kernel needed 16.9 ms for a 5-sequence step.
+//!
+//! The scalar reference is [`super::quant::vec_dot_scalar`] over the
+//! original block layout ([`QMatrix::row`] rebuilds a row from the groups).
 
 use rayon::prelude::*;
 
@@ -26,11 +33,25 @@ use super::SendPtr;
 
 /// Activation rows unpacked against one weight block at a time.
 pub const TILE: usize = 4;
-/// Weight rows computed together (independent accumulators).
-pub const ROWS: usize = 4;
+/// Weight rows per interleaved group.
+pub const GROUP: usize = 8;
 
-/// A quantized weight matrix `[rows (outputs), cols (inputs)]`, row-major
-/// GGML blocks, owned (copied out of the GGUF so the file can be unmapped).
+/// Bytes of one block index of one 8-row group (scales, then quants).
+fn group_block_bytes(ty: QType) -> usize {
+    GROUP * ty.block_bytes()
+}
+
+/// Byte offset of the quants inside a group block.
+fn quants_offset(ty: QType) -> usize {
+    match ty {
+        QType::Q4_1 => 32,
+        QType::Q4_0 | QType::Q8_0 => 16,
+    }
+}
+
+/// A quantized weight matrix `[rows (outputs), cols (inputs)]` in the
+/// interleaved 8-row layout above (rows padded to a multiple of 8 with zero
+/// scales). Owned, so the GGUF file can be unmapped after loading.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     ty: QType,
@@ -40,39 +61,55 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
+    /// Takes GGML row-major blocks and regroups them.
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if !cols.is_multiple_of(QK) {
             return Err(format!("{cols} columns is not a multiple of {QK}"));
         }
-        let want = rows * cols / QK * ty.block_bytes();
+        let nb = cols / QK;
+        let bb = ty.block_bytes();
+        let want = rows * nb * bb;
         if data.len() != want {
             return Err(format!("{} bytes, expected {want}", data.len()));
         }
-        Ok(Self {
-            ty,
-            rows,
-            cols,
-            data,
-        })
+        let groups = rows.div_ceil(GROUP);
+        let gbb = group_block_bytes(ty);
+        let mut packed = vec![0u8; groups * nb * gbb];
+        let qo = quants_offset(ty);
+        for r in 0..rows {
+            let (g, lane) = (r / GROUP, r % GROUP);
+            for i in 0..nb {
+                let src = &data[(r * nb + i) * bb..(r * nb + i + 1) * bb];
+                let dst = &mut packed[(g * nb + i) * gbb..(g * nb + i + 1) * gbb];
+                dst[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
+                if ty == QType::Q4_1 {
+                    dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&src[2..4]);
+                }
+                let qs = &src[qo / 8..];
+                for c in 0..qs.len() / 4 {
+                    let at = qo + c * 32 + lane * 4;
+                    dst[at..at + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                }
+            }
+        }
+        Ok(Self { ty, rows, cols, data: packed })
     }
 
     /// Stacks matrices with the same type and width (e.g. Q, K and V) so one
     /// call computes all of them from one quantized input.
     pub fn concat(parts: &[QMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.ty != first.ty || p.cols != first.cols)
-        {
+        if parts.iter().any(|p| p.ty != first.ty || p.cols != first.cols) {
             return None;
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Some(Self {
-            ty: first.ty,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            data,
-        })
+        let mut raw = Vec::new();
+        for p in parts {
+            for r in 0..p.rows {
+                raw.extend(p.row(r));
+            }
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Self::new(first.ty, rows, first.cols, raw).ok()
     }
 
     pub fn qtype(&self) -> QType {
@@ -91,13 +128,25 @@ impl QMatrix {
         self.data.len()
     }
 
-    pub fn row_bytes(&self) -> usize {
-        self.cols / QK * self.ty.block_bytes()
-    }
-
-    pub fn row(&self, r: usize) -> &[u8] {
-        let rb = self.row_bytes();
-        &self.data[r * rb..(r + 1) * rb]
+    /// Row `r` rebuilt in GGML's block layout (embedding lookup, references).
+    pub fn row(&self, r: usize) -> Vec<u8> {
+        let (ty, nb) = (self.ty, self.cols / QK);
+        let (g, lane) = (r / GROUP, r % GROUP);
+        let gbb = group_block_bytes(ty);
+        let qo = quants_offset(ty);
+        let mut out = Vec::with_capacity(nb * ty.block_bytes());
+        for i in 0..nb {
+            let src = &self.data[(g * nb + i) * gbb..(g * nb + i + 1) * gbb];
+            out.extend_from_slice(&src[2 * lane..2 * lane + 2]);
+            if ty == QType::Q4_1 {
+                out.extend_from_slice(&src[16 + 2 * lane..16 + 2 * lane + 2]);
+            }
+            for c in 0..(ty.block_bytes() - qo / 8) / 4 {
+                let at = qo + c * 32 + lane * 4;
+                out.extend_from_slice(&src[at..at + 4]);
+            }
+        }
+        out
     }
 }
 
@@ -110,8 +159,7 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
     let rows: Vec<(&[f32], &mut [BlockQ8A])> =
         x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)).collect();
     if n >= 16 {
-        rows.into_par_iter()
-            .for_each(|(x, q)| quantize_row_q8a(x, q));
+        rows.into_par_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
     } else {
         rows.into_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
     }
@@ -121,94 +169,84 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
 pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     let nb = w.cols / QK;
     let n_x = x.len() / nb;
-    assert_eq!(
-        x.len(),
-        n_x * nb,
-        "activation blocks do not match the width"
-    );
+    assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
     assert_eq!(out.len(), n_x * w.rows, "output size");
     let simd = super::simd_available();
+    let groups = w.rows.div_ceil(GROUP);
     // Enough chunks to balance the threads, each with >= 16 KiB of weights
     // (or the equivalent in activation work) to hide the task overhead.
     let threads = rayon::current_num_threads().max(1);
-    let work = w.rows * w.row_bytes() * n_x.div_ceil(TILE);
-    let n_chunks = (work / 16384)
-        .clamp(1, threads * 4)
-        .min(w.rows.div_ceil(ROWS));
-    let chunk_rows = w.rows.div_ceil(n_chunks).next_multiple_of(ROWS);
-    let n_chunks = w.rows.div_ceil(chunk_rows);
+    let gbytes = nb * group_block_bytes(w.ty);
+    let work = groups * gbytes * n_x.div_ceil(TILE);
+    let n_chunks = (work / 16384).clamp(1, threads * 4).min(groups);
+    let chunk = groups.div_ceil(n_chunks);
+    let n_chunks = groups.div_ceil(chunk);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let run = |c: usize| {
-        let r0 = c * chunk_rows;
-        let r1 = (r0 + chunk_rows).min(w.rows);
-        // SAFETY: task `c` writes only columns r0..r1 of every output row, and
-        // the chunks are disjoint; `out` outlives the parallel region.
+        let g0 = c * chunk;
+        let g1 = (g0 + chunk).min(groups);
+        // SAFETY: task `c` writes only columns of rows g0*8..g1*8 of every
+        // output row, and the chunks are disjoint; `out` outlives the region.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), n_x * w.rows) };
-        rows_kernel(w, x, nb, n_x, r0..r1, out, simd);
+        groups_kernel(w, x, nb, n_x, g0..g1, out, simd);
     };
     if n_chunks == 1 {
         run(0);
     } else {
-        (0..n_chunks).into_par_iter().for_each(run);
+        (0..n_chunks).into_par_iter().with_max_len(1).for_each(run);
     }
 }
 
-fn rows_kernel(
+fn groups_kernel(
     w: &QMatrix,
     x: &[BlockQ8A],
     nb: usize,
     n_x: usize,
-    rows: std::ops::Range<usize>,
+    groups: std::ops::Range<usize>,
     out: &mut [f32],
     simd: bool,
 ) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let rw = (rows.end - r).min(ROWS);
+    let gbytes = nb * group_block_bytes(w.ty);
+    for g in groups {
+        let r0 = g * GROUP;
+        let live = (w.rows - r0).min(GROUP);
         let mut b0 = 0;
         while b0 < n_x {
             let t = (n_x - b0).min(TILE);
-            let mut res = [[0f32; TILE]; ROWS];
+            let mut res = [[0f32; GROUP]; TILE];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                let wr = &w.data[r * w.row_bytes()..(r + rw) * w.row_bytes()];
-                // SAFETY: AVX2/FMA/F16C present; `wr` holds rw rows of nb
-                // blocks and rows b0..b0+t of `x` hold nb blocks each.
-                unsafe {
-                    avx2::dot_tile(w.ty, wr, rw, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res)
-                };
+                let wg = &w.data[g * gbytes..(g + 1) * gbytes];
+                // SAFETY: AVX2/FMA/F16C present; `wg` holds nb group blocks
+                // and rows b0..b0+t of `x` hold nb blocks each.
+                unsafe { avx2::group_tile(w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
             }
             if !simd {
-                for (i, rr) in res.iter_mut().enumerate().take(rw) {
-                    for (j, v) in rr.iter_mut().enumerate().take(t) {
-                        *v = vec_dot_scalar(
-                            w.ty,
-                            w.row(r + i),
-                            &x[(b0 + j) * nb..(b0 + j + 1) * nb],
-                        );
+                for lane in 0..live {
+                    let row = w.row(r0 + lane);
+                    for (j, rj) in res.iter_mut().enumerate().take(t) {
+                        rj[lane] = vec_dot_scalar(w.ty, &row, &x[(b0 + j) * nb..(b0 + j + 1) * nb]);
                     }
                 }
             }
-            for (i, rr) in res.iter().enumerate().take(rw) {
-                for (j, v) in rr.iter().enumerate().take(t) {
-                    out[(b0 + j) * w.rows + r + i] = *v;
-                }
+            for (j, rj) in res.iter().enumerate().take(t) {
+                let o = (b0 + j) * w.rows + r0;
+                out[o..o + live].copy_from_slice(&rj[..live]);
             }
             b0 += t;
         }
-        r += rw;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-// Register tiles are indexed [row][act] on purpose: the loops are unrolled
-// over const bounds and the arrays stay in registers.
+// Register tiles are indexed by constant bounds on purpose: the loops unroll
+// and the arrays stay in registers.
 #[allow(clippy::needless_range_loop)]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::quant::{BlockQ8A, QType, QK};
-    use super::{ROWS, TILE};
+    use super::{GROUP, TILE};
 
     #[inline(always)]
     pub(crate) unsafe fn hsum(v: __m256) -> f32 {
@@ -218,153 +256,118 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Broadcasts 4 activation bytes to every 32-bit lane.
     #[inline(always)]
-    pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = std::ptr::read_unaligned(p as *const u16);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    unsafe fn bcast4(p: *const i8) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
-    /// Computes `out[i][j] = dot(w row i, x row j)` for `rw` weight rows and
-    /// `t` activation rows. Full tiles use RW x NA independent accumulators
-    /// (ILP hides the FMA latency); partial tiles fall back to 1-row kernels.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn dot_tile(
+    pub(crate) unsafe fn group_tile(
         ty: QType,
         w: &[u8],
-        rw: usize,
         x: &[BlockQ8A],
         nb: usize,
         t: usize,
-        out: &mut [[f32; TILE]; ROWS],
+        out: &mut [[f32; GROUP]; TILE],
     ) {
-        macro_rules! tiles {
-            ($f:ident, $($extra:tt)*) => {
-                match (rw, t) {
-                    (4, 1) => $f::<4, 1 $($extra)*>(w, x, nb, out),
-                    (4, 2) => $f::<4, 2 $($extra)*>(w, x, nb, out),
-                    (4, 3) => { $f::<2, 3 $($extra)*>(w, x, nb, out); tail::<3>(ty, w, x, nb, out) }
-                    (4, _) => { $f::<2, 4 $($extra)*>(w, x, nb, out); tail::<4>(ty, w, x, nb, out) }
-                    (r, t) => {
-                        for i in 0..r {
-                            let wr = &w[i * w.len() / r..(i + 1) * w.len() / r];
-                            let mut one = [[0f32; TILE]; ROWS];
-                            match t {
-                                1 => $f::<1, 1 $($extra)*>(wr, x, nb, &mut one),
-                                2 => $f::<1, 2 $($extra)*>(wr, x, nb, &mut one),
-                                3 => $f::<1, 3 $($extra)*>(wr, x, nb, &mut one),
-                                _ => $f::<1, 4 $($extra)*>(wr, x, nb, &mut one),
-                            }
-                            out[i] = one[0];
-                        }
-                    }
+        macro_rules! by_t {
+            ($f:ident $(, $extra:tt)*) => {
+                match t {
+                    1 => $f::<1 $(, $extra)*>(w, x, nb, out),
+                    2 => $f::<2 $(, $extra)*>(w, x, nb, out),
+                    3 => $f::<3 $(, $extra)*>(w, x, nb, out),
+                    _ => $f::<4 $(, $extra)*>(w, x, nb, out),
                 }
             };
         }
         match ty {
-            QType::Q4_1 => tiles!(dot_q4, , true),
-            QType::Q4_0 => tiles!(dot_q4, , false),
-            QType::Q8_0 => tiles!(dot_q8,),
+            QType::Q4_1 => by_t!(group_q4, true),
+            QType::Q4_0 => by_t!(group_q4, false),
+            QType::Q8_0 => by_t!(group_q8),
         }
     }
 
-    /// Rows 2 and 3 of a 4-row tile that ran as 2 rows (register pressure).
+    /// Q4_0 (`Q41 = false`: `d * (isum - 8 sum_a)`) or Q4_1 (`d * isum + m * s_a`)
+    /// for one 8-row group against NA activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tail<const NA: usize>(
-        ty: QType,
+    unsafe fn group_q4<const NA: usize, const Q41: bool>(
         w: &[u8],
         x: &[BlockQ8A],
         nb: usize,
-        out: &mut [[f32; TILE]; ROWS],
+        out: &mut [[f32; GROUP]; TILE],
     ) {
-        let half = &w[w.len() / 2..];
-        let mut two = [[0f32; TILE]; ROWS];
-        match ty {
-            QType::Q4_1 => dot_q4::<2, NA, true>(half, x, nb, &mut two),
-            QType::Q4_0 => dot_q4::<2, NA, false>(half, x, nb, &mut two),
-            QType::Q8_0 => dot_q8::<2, NA>(half, x, nb, &mut two),
-        }
-        out[2] = two[0];
-        out[3] = two[1];
-    }
-
-    /// Q4_0 (`Q41 = false`, offset -8 d) or Q4_1 (offset m): RW weight rows
-    /// (consecutive in `w`) against NA activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4<const RW: usize, const NA: usize, const Q41: bool>(
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        out: &mut [[f32; TILE]; ROWS],
-    ) {
-        let bb = if Q41 { 20 } else { 18 };
-        let row_bytes = nb * bb;
-        let mask = _mm_set1_epi8(0x0f);
+        let gbb = if Q41 { 160 } else { 144 };
+        let qo = if Q41 { 32 } else { 16 };
+        let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); NA]; RW];
-        let mut bias = [[0f32; NA]; RW];
+        let mut acc = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         for i in 0..nb {
-            for r in 0..RW {
-                let blk = wp.add(r * row_bytes + i * bb);
-                let d = f16_at(blk);
-                // Q4_1: offset m times GGML's rounded `s`; Q4_0: -8 d times
-                // the exact integer sum of the activation block.
-                let m = if Q41 { f16_at(blk.add(2)) } else { -8.0 * d };
-                let qs = _mm_loadu_si128(blk.add(if Q41 { 4 } else { 2 }) as *const __m128i);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                let wq = _mm256_set_m128i(hi, lo);
-                for j in 0..NA {
-                    let a = &*xp.add(j * nb + i);
-                    let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
-                    acc[r][j] =
-                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
-                    bias[r][j] += if Q41 { m * a.s } else { m * a.d * a.sum as f32 };
+            let blk = wp.add(i * gbb);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut lo = [_mm256_setzero_si256(); 4];
+            let mut hi = [_mm256_setzero_si256(); 4];
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(blk.add(qo + 32 * c) as *const __m256i);
+                lo[c] = _mm256_and_si256(q, mask);
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+            }
+            for j in 0..NA {
+                let a = &*xp.add(j * nb + i);
+                let aq = a.qs.as_ptr();
+                // i16 lanes: 8 maddubs of at most 2*15*127 each stay < 2^15.
+                let mut s16 = _mm256_maddubs_epi16(lo[0], bcast4(aq));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], bcast4(aq.add(16))));
+                for c in 1..4 {
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], bcast4(aq.add(4 * c))));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], bcast4(aq.add(16 + 4 * c))));
+                }
+                let mut isum = _mm256_madd_epi16(s16, ones);
+                if !Q41 {
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sum));
+                }
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[j]);
+                if Q41 {
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+                    acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s), acc[j]);
                 }
             }
         }
-        for r in 0..RW {
-            for j in 0..NA {
-                out[r][j] = hsum(acc[r][j]) + bias[r][j];
-            }
+        for j in 0..NA {
+            _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8<const RW: usize, const NA: usize>(
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        out: &mut [[f32; TILE]; ROWS],
-    ) {
-        let row_bytes = nb * 34;
+    unsafe fn group_q8<const NA: usize>(w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; GROUP]; TILE]) {
+        let gbb = 272;
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); NA]; RW];
+        let mut acc = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         for i in 0..nb {
-            for r in 0..RW {
-                let blk = wp.add(r * row_bytes + i * 34);
-                let d = f16_at(blk);
-                let wq = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                let wabs = _mm256_sign_epi8(wq, wq);
+            let blk = wp.add(i * gbb);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut isum = [_mm256_setzero_si256(); NA];
+            for c in 0..8 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                let qabs = _mm256_sign_epi8(q, q);
                 for j in 0..NA {
-                    let a = &*xp.add(j * nb + i);
-                    let aq = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, wq));
-                    let p = _mm256_madd_epi16(p, ones);
-                    acc[r][j] =
-                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[r][j]);
+                    let a = bcast4((*xp.add(j * nb + i)).qs.as_ptr().add(4 * c));
+                    let p = _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(a, q));
+                    isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(p, ones));
                 }
             }
-        }
-        for r in 0..RW {
             for j in 0..NA {
-                out[r][j] = hsum(acc[r][j]);
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps((*xp.add(j * nb + i)).d));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), scale, acc[j]);
             }
+        }
+        for j in 0..NA {
+            _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
         }
     }
 
@@ -454,7 +457,7 @@ mod tests {
                 let nb = cols / QK;
                 for b in 0..n_x {
                     for r in 0..rows {
-                        let want = vec_dot_scalar(ty, w.row(r), &xq[b * nb..(b + 1) * nb]);
+                        let want = vec_dot_scalar(ty, &w.row(r), &xq[b * nb..(b + 1) * nb]);
                         let got = y[b * rows + r];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -467,16 +470,33 @@ mod tests {
     }
 
     #[test]
+    fn regrouping_keeps_every_row_byte_for_byte() {
+        for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let (rows, cols) = (13, 96);
+            let n = rows * cols / QK * ty.block_bytes();
+            let raw: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            let m = QMatrix::new(ty, rows, cols, raw.clone()).unwrap();
+            let rb = cols / QK * ty.block_bytes();
+            for r in 0..rows {
+                assert_eq!(m.row(r), &raw[r * rb..(r + 1) * rb], "{ty:?} row {r}");
+            }
+            let both = QMatrix::concat(&[m.clone(), m]).unwrap();
+            assert_eq!(both.rows(), 2 * rows);
+            assert_eq!(both.row(rows + 5), &raw[5 * rb..6 * rb]);
+        }
+    }
+
+    #[test]
     fn quantized_dot_is_close_to_the_f32_dot() {
         let mut seed = 11;
         let w = random_matrix(QType::Q4_1, 1, 256, &mut seed);
         let x: Vec<f32> = (0..256).map(|_| lcg(&mut seed)).collect();
         let mut wf = vec![0f32; 256];
-        super::super::quant::dequantize_row(QType::Q4_1, w.row(0), &mut wf);
+        super::super::quant::dequantize_row(QType::Q4_1, &w.row(0), &mut wf);
         let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
         let mut xq = vec![BlockQ8A::ZERO; 8];
         quantize_row_q8a_scalar(&x, &mut xq);
-        let got = vec_dot_scalar(QType::Q4_1, w.row(0), &xq);
+        let got = vec_dot_scalar(QType::Q4_1, &w.row(0), &xq);
         let scale: f32 = wf.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
         assert!((got - exact).abs() < 0.01 * scale, "{got} vs {exact}");
         let _ = std::mem::size_of::<BlockQ4_1>();
