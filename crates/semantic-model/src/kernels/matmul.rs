@@ -16,6 +16,8 @@
 //! chunk c (32 bytes): row0 qs[4c..4c+4] | row1 qs[4c..4c+4] | ... | row7 qs[4c..4c+4]
 //! ```
 //!
+//! (Q8_0 quants are stored `q ^ 0x80`, see [`q8_flip`].)
+//!
 //! The kernel broadcasts 4 activation bytes to all lanes, so `maddubs` +
 //! `madd` yield the partial sums of 8 rows at once; scales of 8 rows are one
 //! vector, and results for 8 rows are stored contiguously. No horizontal sums.
@@ -46,6 +48,17 @@ fn quants_offset(ty: QType) -> usize {
     match ty {
         QType::Q4_1 => 32,
         QType::Q4_0 | QType::Q8_0 => 16,
+    }
+}
+
+/// Q8_0 quants are stored offset-binary (`q + 128` as u8, i.e. `q ^ 0x80`)
+/// so the VNNI path can feed them to `dpbusd` as unsigned bytes and subtract
+/// `128 * sum(a)`; the AVX2 path flips them back in a register.
+fn q8_flip(ty: QType) -> u8 {
+    if ty == QType::Q8_0 {
+        0x80
+    } else {
+        0
     }
 }
 
@@ -85,10 +98,14 @@ impl QMatrix {
                 if ty == QType::Q4_1 {
                     dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&src[2..4]);
                 }
+                // qo / 8 = bytes of scales in one GGML block.
                 let qs = &src[qo / 8..];
+                let flip = q8_flip(ty);
                 for c in 0..qs.len() / 4 {
                     let at = qo + c * 32 + lane * 4;
-                    dst[at..at + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                    for k in 0..4 {
+                        dst[at + k] = qs[4 * c + k] ^ flip;
+                    }
                 }
             }
         }
@@ -143,7 +160,7 @@ impl QMatrix {
             }
             for c in 0..(ty.block_bytes() - qo / 8) / 4 {
                 let at = qo + c * 32 + lane * 4;
-                out.extend_from_slice(&src[at..at + 4]);
+                out.extend(src[at..at + 4].iter().map(|b| b ^ q8_flip(ty)));
             }
         }
         out
@@ -165,13 +182,31 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
     }
 }
 
+/// The integer dot-product path of this CPU (`None`: scalar reference).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type Path = Option<avx2::Dot>;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) type Path = Option<()>;
+
+fn best_path() -> Path {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd_available() {
+        return Some(avx2::detect());
+    }
+    None
+}
+
 /// `y[b * w.rows() + n] = dot(W[n], x[b])` for the `n_x` quantized rows of `x`.
 pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    qmatmul_on(*PATH.get_or_init(best_path), w, x, out)
+}
+
+pub(crate) fn qmatmul_on(path: Path, w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     let nb = w.cols / QK;
     let n_x = x.len() / nb;
     assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
     assert_eq!(out.len(), n_x * w.rows, "output size");
-    let simd = super::simd_available();
     let groups = w.rows.div_ceil(GROUP);
     // Enough chunks to balance the threads, each with >= 16 KiB of weights
     // (or the equivalent in activation work) to hide the task overhead.
@@ -188,7 +223,7 @@ pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
         // SAFETY: task `c` writes only columns of rows g0*8..g1*8 of every
         // output row, and the chunks are disjoint; `out` outlives the region.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), n_x * w.rows) };
-        groups_kernel(w, x, nb, n_x, g0..g1, out, simd);
+        groups_kernel(w, x, nb, n_x, g0..g1, out, path);
     };
     if n_chunks == 1 {
         run(0);
@@ -204,7 +239,7 @@ fn groups_kernel(
     n_x: usize,
     groups: std::ops::Range<usize>,
     out: &mut [f32],
-    simd: bool,
+    path: Path,
 ) {
     let gbytes = nb * group_block_bytes(w.ty);
     for g in groups {
@@ -215,13 +250,14 @@ fn groups_kernel(
             let t = (n_x - b0).min(TILE);
             let mut res = [[0f32; GROUP]; TILE];
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if let Some(dot) = path {
                 let wg = &w.data[g * gbytes..(g + 1) * gbytes];
-                // SAFETY: AVX2/FMA/F16C present; `wg` holds nb group blocks
-                // and rows b0..b0+t of `x` hold nb blocks each.
-                unsafe { avx2::group_tile(w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
+                // SAFETY: `dot` came from feature detection (or a test that
+                // checked it); `wg` holds nb group blocks and rows b0..b0+t
+                // of `x` hold nb blocks each.
+                unsafe { avx2::group_tile(dot, w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
             }
-            if !simd {
+            if path.is_none() {
                 for lane in 0..live {
                     let row = w.row(r0 + lane);
                     for (j, rj) in res.iter_mut().enumerate().take(t) {
@@ -262,8 +298,35 @@ pub(crate) mod avx2 {
         _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// Which integer dot-product instruction the CPU has.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(crate) enum Dot {
+        /// `maddubs` + `madd` (any AVX2 CPU).
+        Avx2,
+        /// `vpdpbusd` on 256-bit registers via AVX-VNNI (Alder Lake, Zen 5).
+        AvxVnni,
+        /// `vpdpbusd` via AVX-512 VNNI + VL (Ice Lake, Zen 4).
+        Avx512Vnni,
+    }
+
+    pub(crate) fn detect() -> Dot {
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            Dot::AvxVnni
+        } else if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            Dot::Avx512Vnni
+        } else {
+            Dot::Avx2
+        }
+    }
+
+    const AVX2: u8 = 0;
+    const AVXVNNI: u8 = 1;
+    const AVX512VNNI: u8 = 2;
+
     pub(crate) unsafe fn group_tile(
+        dot: Dot,
         ty: QType,
         w: &[u8],
         x: &[BlockQ8A],
@@ -271,27 +334,61 @@ pub(crate) mod avx2 {
         t: usize,
         out: &mut [[f32; GROUP]; TILE],
     ) {
-        macro_rules! by_t {
-            ($f:ident $(, $extra:tt)*) => {
-                match t {
-                    1 => $f::<1 $(, $extra)*>(w, x, nb, out),
-                    2 => $f::<2 $(, $extra)*>(w, x, nb, out),
-                    3 => $f::<3 $(, $extra)*>(w, x, nb, out),
-                    _ => $f::<4 $(, $extra)*>(w, x, nb, out),
-                }
-            };
+        match dot {
+            Dot::Avx2 => tile_avx2(ty, w, x, nb, t, out),
+            Dot::AvxVnni => tile_avxvnni(ty, w, x, nb, t, out),
+            Dot::Avx512Vnni => tile_avx512vnni(ty, w, x, nb, t, out),
         }
-        match ty {
-            QType::Q4_1 => by_t!(group_q4, true),
-            QType::Q4_0 => by_t!(group_q4, false),
-            QType::Q8_0 => by_t!(group_q8),
+    }
+
+    /// Picks the kernel for `t` activation rows. Inlined into each
+    /// `tile_*` wrapper so it compiles with that wrapper's target features.
+    #[inline(always)]
+    unsafe fn dispatch<const V: u8>(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, t: usize, out: &mut [[f32; GROUP]; TILE]) {
+        match (ty, t) {
+            (QType::Q4_1, 1) => group_q4::<1, V, true>(w, x, nb, out),
+            (QType::Q4_1, 2) => group_q4::<2, V, true>(w, x, nb, out),
+            (QType::Q4_1, 3) => group_q4::<3, V, true>(w, x, nb, out),
+            (QType::Q4_1, _) => group_q4::<4, V, true>(w, x, nb, out),
+            (QType::Q4_0, 1) => group_q4::<1, V, false>(w, x, nb, out),
+            (QType::Q4_0, 2) => group_q4::<2, V, false>(w, x, nb, out),
+            (QType::Q4_0, 3) => group_q4::<3, V, false>(w, x, nb, out),
+            (QType::Q4_0, _) => group_q4::<4, V, false>(w, x, nb, out),
+            (QType::Q8_0, 1) => group_q8::<1, V>(w, x, nb, out),
+            (QType::Q8_0, 2) => group_q8::<2, V>(w, x, nb, out),
+            (QType::Q8_0, 3) => group_q8::<3, V>(w, x, nb, out),
+            (QType::Q8_0, _) => group_q8::<4, V>(w, x, nb, out),
+        }
+    }
+
+    macro_rules! tile_fn {
+        ($name:ident, $features:literal, $v:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, t: usize, out: &mut [[f32; GROUP]; TILE]) {
+                dispatch::<{ $v }>(ty, w, x, nb, t, out)
+            }
+        };
+    }
+    tile_fn!(tile_avx2, "avx2,fma,f16c", AVX2);
+    tile_fn!(tile_avxvnni, "avx2,fma,f16c,avxvnni", AVXVNNI);
+    tile_fn!(tile_avx512vnni, "avx2,fma,f16c,avx512vnni,avx512vl", AVX512VNNI);
+
+    /// `acc + sum of 4 (u8 w) * (i8 a) products per 32-bit lane`.
+    /// The AVX2 form goes through i16 and saturates at 2^15; callers keep
+    /// each pair sum below that.
+    #[inline(always)]
+    unsafe fn dot_u8i8<const V: u8>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        match V {
+            AVXVNNI => _mm256_dpbusd_avx_epi32(acc, w, a),
+            AVX512VNNI => _mm256_dpbusd_epi32(acc, w, a),
+            _ => _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
         }
     }
 
     /// Q4_0 (`Q41 = false`: `d * (isum - 8 sum_a)`) or Q4_1 (`d * isum + m * s_a`)
     /// for one 8-row group against NA activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_q4<const NA: usize, const Q41: bool>(
+    #[inline(always)]
+    unsafe fn group_q4<const NA: usize, const V: u8, const Q41: bool>(
         w: &[u8],
         x: &[BlockQ8A],
         nb: usize,
@@ -317,14 +414,23 @@ pub(crate) mod avx2 {
             for j in 0..NA {
                 let a = &*xp.add(j * nb + i);
                 let aq = a.qs.as_ptr();
-                // i16 lanes: 8 maddubs of at most 2*15*127 each stay < 2^15.
-                let mut s16 = _mm256_maddubs_epi16(lo[0], bcast4(aq));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], bcast4(aq.add(16))));
-                for c in 1..4 {
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], bcast4(aq.add(4 * c))));
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], bcast4(aq.add(16 + 4 * c))));
-                }
-                let mut isum = _mm256_madd_epi16(s16, ones);
+                let mut isum = if V == AVX2 {
+                    // i16 lanes: 8 maddubs of at most 2*15*127 each stay < 2^15.
+                    let mut s16 = _mm256_maddubs_epi16(lo[0], bcast4(aq));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], bcast4(aq.add(16))));
+                    for c in 1..4 {
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], bcast4(aq.add(4 * c))));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], bcast4(aq.add(16 + 4 * c))));
+                    }
+                    _mm256_madd_epi16(s16, ones)
+                } else {
+                    let mut s = _mm256_setzero_si256();
+                    for c in 0..4 {
+                        s = dot_u8i8::<V>(s, lo[c], bcast4(aq.add(4 * c)));
+                        s = dot_u8i8::<V>(s, hi[c], bcast4(aq.add(16 + 4 * c)));
+                    }
+                    s
+                };
                 if !Q41 {
                     isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sum));
                 }
@@ -341,10 +447,14 @@ pub(crate) mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_q8<const NA: usize>(w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; GROUP]; TILE]) {
+    /// Q8_0 stored offset-binary `u = q + 128`: VNNI computes
+    /// `sum(u * a) - 128 * sum(a)`; AVX2 flips back and uses the sign trick
+    /// (`maddubs(|q|, a * sign(q))`, pair sums <= 2 * 128 * 127 < 2^15).
+    #[inline(always)]
+    unsafe fn group_q8<const NA: usize, const V: u8>(w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; GROUP]; TILE]) {
         let gbb = 272;
         let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
@@ -353,17 +463,30 @@ pub(crate) mod avx2 {
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let mut isum = [_mm256_setzero_si256(); NA];
             for c in 0..8 {
-                let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
-                let qabs = _mm256_sign_epi8(q, q);
-                for j in 0..NA {
-                    let a = bcast4((*xp.add(j * nb + i)).qs.as_ptr().add(4 * c));
-                    let p = _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(a, q));
-                    isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(p, ones));
+                let u = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                if V == AVX2 {
+                    let q = _mm256_xor_si256(u, flip);
+                    let qabs = _mm256_sign_epi8(q, q);
+                    for j in 0..NA {
+                        let a = bcast4((*xp.add(j * nb + i)).qs.as_ptr().add(4 * c));
+                        let p = _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(a, q));
+                        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(p, ones));
+                    }
+                } else {
+                    for j in 0..NA {
+                        let a = bcast4((*xp.add(j * nb + i)).qs.as_ptr().add(4 * c));
+                        isum[j] = dot_u8i8::<V>(isum[j], u, a);
+                    }
                 }
             }
             for j in 0..NA {
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps((*xp.add(j * nb + i)).d));
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), scale, acc[j]);
+                let a = &*xp.add(j * nb + i);
+                let mut s = isum[j];
+                if V != AVX2 {
+                    s = _mm256_sub_epi32(s, _mm256_set1_epi32(128 * a.sum));
+                }
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
             }
         }
         for j in 0..NA {
@@ -373,6 +496,7 @@ pub(crate) mod avx2 {
 
     /// AVX2 twin of `quantize_row_q8a_scalar`, bit for bit: rounds half away
     /// from zero (round to nearest even, then moves exact ties outwards).
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn quantize_row_q8a(x: &[f32], out: &mut [BlockQ8A]) {
         let sign = _mm256_set1_ps(-0.0);
@@ -443,17 +567,34 @@ mod tests {
         QMatrix::new(ty, rows, cols, data).unwrap()
     }
 
+    /// Every dot-product path this CPU can run, scalar included.
+    fn paths() -> Vec<Path> {
+        let mut p = vec![None];
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd_available() {
+            use avx2::Dot;
+            p.push(Some(Dot::Avx2));
+            if std::arch::is_x86_feature_detected!("avxvnni") {
+                p.push(Some(Dot::AvxVnni));
+            }
+            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+                p.push(Some(Dot::Avx512Vnni));
+            }
+        }
+        p
+    }
+
     #[test]
     fn simd_matmul_equals_scalar_reference() {
         let mut seed = 7;
-        for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for (path, ty) in paths().into_iter().flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t))) {
             for (rows, cols, n_x) in [(1, 32, 1), (37, 64, 3), (64, 576, 5), (200, 160, 9)] {
                 let w = random_matrix(ty, rows, cols, &mut seed);
                 let x: Vec<f32> = (0..n_x * cols).map(|_| lcg(&mut seed)).collect();
                 let mut xq = Vec::new();
                 quantize_rows(&x, cols, &mut xq);
                 let mut y = vec![0f32; n_x * rows];
-                qmatmul(&w, &xq, &mut y);
+                qmatmul_on(path, &w, &xq, &mut y);
                 let nb = cols / QK;
                 for b in 0..n_x {
                     for r in 0..rows {
@@ -461,8 +602,38 @@ mod tests {
                         let got = y[b * rows + r];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{ty:?} {rows}x{cols} b={b} r={r}: {got} vs {want}"
+                            "{path:?} {ty:?} {rows}x{cols} b={b} r={r}: {got} vs {want}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Largest quants against the largest activations: no i16 saturation.
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        for (path, ty) in paths().into_iter().flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t))) {
+            let (rows, cols) = (8, 64);
+            let bb = ty.block_bytes();
+            let mut data = vec![0u8; rows * cols / QK * bb];
+            for (k, b) in data.chunks_exact_mut(bb).enumerate() {
+                b[..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+                let fill = if ty == QType::Q8_0 { 0x80 } else { 0xff }; // -128 / 15
+                let start = if ty == QType::Q4_1 { 4 } else { 2 };
+                b[start..].fill(if k % 2 == 0 { fill } else { 0x7f });
+            }
+            let w = QMatrix::new(ty, rows, cols, data).unwrap();
+            for sign in [1.0f32, -1.0] {
+                let x = vec![sign; 4 * cols];
+                let mut xq = Vec::new();
+                quantize_rows(&x, cols, &mut xq);
+                let mut y = vec![0f32; 4 * rows];
+                qmatmul_on(path, &w, &xq, &mut y);
+                for (b, yb) in y.chunks_exact(rows).enumerate() {
+                    for (r, got) in yb.iter().enumerate() {
+                        let want = vec_dot_scalar(ty, &w.row(r), &xq[b * 2..b * 2 + 2]);
+                        assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "{path:?} {ty:?}: {got} vs {want}");
                     }
                 }
             }
