@@ -1,0 +1,51 @@
+//! Profiling aid: `cargo run --release --example decode_steps -- MODEL B CTX STEPS`
+//! runs STEPS batched decode steps of B sequences at CTX tokens of context.
+
+use semantic_core::{LogitsWanted, SeqStep, StepPlan};
+use semantic_kv::{BlockTable, KvPool};
+use semantic_model::{GgufFile, LlamaModel};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    let model = LlamaModel::load(&GgufFile::open(args[1].as_ref()).unwrap()).unwrap();
+    let (b, ctx, steps) = (arg(2, 5), arg(3, 128), arg(4, 200));
+    let layout = model.kv_layout(16);
+    let mut pool = KvPool::new(layout, b * layout.blocks_for(ctx + steps));
+    let mut tables: Vec<BlockTable> = (0..b).map(|_| BlockTable::default()).collect();
+    for t in &mut tables {
+        assert!(pool.ensure_capacity(t, ctx + steps));
+        let toks: Vec<u32> = (0..ctx as u32).map(|i| 100 + i * 13 % 4000).collect();
+        let plan = StepPlan {
+            seqs: vec![SeqStep {
+                tokens: toks,
+                start_pos: 0,
+                block_table: t.blocks().to_vec(),
+                logits: LogitsWanted::None,
+            }],
+        };
+        model.forward(&plan, &mut pool).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    for s in 0..steps {
+        let seqs = tables
+            .iter()
+            .map(|t| SeqStep {
+                tokens: vec![300],
+                start_pos: ctx + s,
+                block_table: t.blocks().to_vec(),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        model.forward(&StepPlan { seqs }, &mut pool).unwrap();
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "B={b} ctx={ctx}: {:.2} ms/step, {:.1} tok/s aggregate",
+        dt * 1e3 / steps as f64,
+        (b * steps) as f64 / dt
+    );
+    for t in tables {
+        pool.free_table(t).unwrap();
+    }
+}
