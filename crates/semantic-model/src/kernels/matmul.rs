@@ -7,14 +7,16 @@
 //! once per step and unpacked once per tile of up to [`TILE`] activation rows.
 //!
 //! Layout: at load, weights are regrouped (not requantized: the same bytes)
-//! into groups of 8 rows. For each 32-value block index, a group stores the 8
-//! rows' f16 scales side by side, then their quants interleaved 4 bytes at a
-//! time, so one 256-bit lane of 32 bits holds 4 quants of one row:
+//! into groups of 16 rows. For each 32-value block index, a group stores the
+//! 16 rows' f16 scales side by side, then their quants interleaved 4 bytes at
+//! a time, so each 32-bit lane holds 4 quants of one row:
 //!
 //! ```text
-//! group g, block i:  d[8] (f16) | m[8] (f16, Q4_1 only) | chunk 0 | chunk 1 | ...
-//! chunk c (32 bytes): row0 qs[4c..4c+4] | row1 qs[4c..4c+4] | ... | row7 qs[4c..4c+4]
+//! group g, block i:  d[16] (f16) | m[16] (f16, Q4_1 only) | chunk 0 | chunk 1 | ...
+//! chunk c (64 bytes): row0 qs[4c..4c+4] | row1 qs[4c..4c+4] | ... | row15 qs[4c..4c+4]
 //! ```
+//!
+//! AVX-512 reads a chunk as one register (16 rows); AVX2 reads each half.
 //!
 //! (Q8_0 quants are stored `q ^ 0x80`, see [`q8_flip`].)
 //!
@@ -40,8 +42,9 @@ use super::SendPtr;
 
 /// Activation rows unpacked against one weight block at a time.
 pub const TILE: usize = 8;
-/// Weight rows per interleaved group.
-pub const GROUP: usize = 8;
+/// Weight rows per interleaved group: one 512-bit register of 32-bit lanes,
+/// or two 256-bit halves of 8 rows.
+pub const GROUP: usize = 16;
 
 /// Bytes of one block index of one 8-row group (scales, then quants).
 fn group_block_bytes(ty: QType) -> usize {
@@ -51,9 +54,14 @@ fn group_block_bytes(ty: QType) -> usize {
 /// Byte offset of the quants inside a group block.
 fn quants_offset(ty: QType) -> usize {
     match ty {
-        QType::Q4_1 => 32,
-        QType::Q4_0 | QType::Q8_0 => 16,
+        QType::Q4_1 => 64,
+        QType::Q4_0 | QType::Q8_0 => 32,
     }
+}
+
+/// Bytes of scales in one GGML block (d, or d and m).
+fn scale_bytes(ty: QType) -> usize {
+    quants_offset(ty) / GROUP
 }
 
 /// Q8_0 quants are stored offset-binary (`q + 128` as u8, i.e. `q ^ 0x80`)
@@ -101,13 +109,12 @@ impl QMatrix {
                 let dst = &mut packed[(g * nb + i) * gbb..(g * nb + i + 1) * gbb];
                 dst[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
                 if ty == QType::Q4_1 {
-                    dst[16 + 2 * lane..16 + 2 * lane + 2].copy_from_slice(&src[2..4]);
+                    dst[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&src[2..4]);
                 }
-                // qo / 8 = bytes of scales in one GGML block.
-                let qs = &src[qo / 8..];
+                let qs = &src[scale_bytes(ty)..];
                 let flip = q8_flip(ty);
                 for c in 0..qs.len() / 4 {
-                    let at = qo + c * 32 + lane * 4;
+                    let at = qo + c * 64 + lane * 4;
                     for k in 0..4 {
                         dst[at + k] = qs[4 * c + k] ^ flip;
                     }
@@ -169,10 +176,10 @@ impl QMatrix {
             let src = &self.data[(g * nb + i) * gbb..(g * nb + i + 1) * gbb];
             out.extend_from_slice(&src[2 * lane..2 * lane + 2]);
             if ty == QType::Q4_1 {
-                out.extend_from_slice(&src[16 + 2 * lane..16 + 2 * lane + 2]);
+                out.extend_from_slice(&src[32 + 2 * lane..32 + 2 * lane + 2]);
             }
-            for c in 0..(ty.block_bytes() - qo / 8) / 4 {
-                let at = qo + c * 32 + lane * 4;
+            for c in 0..(ty.block_bytes() - scale_bytes(ty)) / 4 {
+                let at = qo + c * 64 + lane * 4;
                 out.extend(src[at..at + 4].iter().map(|b| b ^ q8_flip(ty)));
             }
         }
@@ -327,10 +334,14 @@ pub(crate) mod avx2 {
         AvxVnni,
         /// `vpdpbusd` via AVX-512 VNNI + VL (Ice Lake, Zen 4).
         Avx512Vnni,
+        /// Whole 16-row groups in 512-bit registers (AVX-512 F/BW/VNNI).
+        Avx512,
     }
 
     pub(crate) fn detect() -> Dot {
-        if std::arch::is_x86_feature_detected!("avxvnni") {
+        if has_avx512() {
+            Dot::Avx512
+        } else if std::arch::is_x86_feature_detected!("avxvnni") {
             Dot::AvxVnni
         } else if std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vl")
@@ -339,6 +350,13 @@ pub(crate) mod avx2 {
         } else {
             Dot::Avx2
         }
+    }
+
+    pub(crate) fn has_avx512() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
 
     const AVX2: u8 = 0;
@@ -358,11 +376,13 @@ pub(crate) mod avx2 {
             Dot::Avx2 => tile_avx2(ty, w, x, nb, t, out),
             Dot::AvxVnni => tile_avxvnni(ty, w, x, nb, t, out),
             Dot::Avx512Vnni => tile_avx512vnni(ty, w, x, nb, t, out),
+            Dot::Avx512 => tile_avx512(ty, w, x, nb, t, out),
         }
     }
 
-    /// Picks the kernel for `t` activation rows. Inlined into each
-    /// `tile_*` wrapper so it compiles with that wrapper's target features.
+    /// Picks the kernel for `t` activation rows (two 8-row halves).
+    /// Inlined into each `tile_*` wrapper so it compiles with that wrapper's
+    /// target features.
     #[inline(always)]
     unsafe fn dispatch<const V: u8>(
         ty: QType,
@@ -373,31 +393,233 @@ pub(crate) mod avx2 {
         out: &mut [[f32; GROUP]; TILE],
     ) {
         match (ty, t) {
-            (QType::Q4_1, 1) => group_q4::<1, V, true>(w, x, nb, out),
-            (QType::Q4_1, 2) => group_q4::<2, V, true>(w, x, nb, out),
-            (QType::Q4_1, 3) => group_q4::<3, V, true>(w, x, nb, out),
-            (QType::Q4_1, 4) => group_q4::<4, V, true>(w, x, nb, out),
-            (QType::Q4_1, 5) => group_q4::<5, V, true>(w, x, nb, out),
-            (QType::Q4_1, 6) => group_q4::<6, V, true>(w, x, nb, out),
-            (QType::Q4_1, 7) => group_q4::<7, V, true>(w, x, nb, out),
-            (QType::Q4_1, _) => group_q4::<8, V, true>(w, x, nb, out),
-            (QType::Q4_0, 1) => group_q4::<1, V, false>(w, x, nb, out),
-            (QType::Q4_0, 2) => group_q4::<2, V, false>(w, x, nb, out),
-            (QType::Q4_0, 3) => group_q4::<3, V, false>(w, x, nb, out),
-            (QType::Q4_0, 4) => group_q4::<4, V, false>(w, x, nb, out),
-            (QType::Q4_0, 5) => group_q4::<5, V, false>(w, x, nb, out),
-            (QType::Q4_0, 6) => group_q4::<6, V, false>(w, x, nb, out),
-            (QType::Q4_0, 7) => group_q4::<7, V, false>(w, x, nb, out),
-            (QType::Q4_0, _) => group_q4::<8, V, false>(w, x, nb, out),
-            (QType::Q8_0, 1) => group_q8::<1, V>(w, x, nb, out),
-            (QType::Q8_0, 2) => group_q8::<2, V>(w, x, nb, out),
-            (QType::Q8_0, 3) => group_q8::<3, V>(w, x, nb, out),
-            (QType::Q8_0, 4) => group_q8::<4, V>(w, x, nb, out),
-            (QType::Q8_0, 5) => group_q8::<5, V>(w, x, nb, out),
-            (QType::Q8_0, 6) => group_q8::<6, V>(w, x, nb, out),
-            (QType::Q8_0, 7) => group_q8::<7, V>(w, x, nb, out),
-            (QType::Q8_0, _) => group_q8::<8, V>(w, x, nb, out),
+            (QType::Q4_1, 1) => {
+                group_q4::<1, V, true>(w, x, nb, out, 0);
+                group_q4::<1, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 2) => {
+                group_q4::<2, V, true>(w, x, nb, out, 0);
+                group_q4::<2, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 3) => {
+                group_q4::<3, V, true>(w, x, nb, out, 0);
+                group_q4::<3, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 4) => {
+                group_q4::<4, V, true>(w, x, nb, out, 0);
+                group_q4::<4, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 5) => {
+                group_q4::<5, V, true>(w, x, nb, out, 0);
+                group_q4::<5, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 6) => {
+                group_q4::<6, V, true>(w, x, nb, out, 0);
+                group_q4::<6, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, 7) => {
+                group_q4::<7, V, true>(w, x, nb, out, 0);
+                group_q4::<7, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_1, _) => {
+                group_q4::<8, V, true>(w, x, nb, out, 0);
+                group_q4::<8, V, true>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 1) => {
+                group_q4::<1, V, false>(w, x, nb, out, 0);
+                group_q4::<1, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 2) => {
+                group_q4::<2, V, false>(w, x, nb, out, 0);
+                group_q4::<2, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 3) => {
+                group_q4::<3, V, false>(w, x, nb, out, 0);
+                group_q4::<3, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 4) => {
+                group_q4::<4, V, false>(w, x, nb, out, 0);
+                group_q4::<4, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 5) => {
+                group_q4::<5, V, false>(w, x, nb, out, 0);
+                group_q4::<5, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 6) => {
+                group_q4::<6, V, false>(w, x, nb, out, 0);
+                group_q4::<6, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, 7) => {
+                group_q4::<7, V, false>(w, x, nb, out, 0);
+                group_q4::<7, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q4_0, _) => {
+                group_q4::<8, V, false>(w, x, nb, out, 0);
+                group_q4::<8, V, false>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 1) => {
+                group_q8::<1, V>(w, x, nb, out, 0);
+                group_q8::<1, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 2) => {
+                group_q8::<2, V>(w, x, nb, out, 0);
+                group_q8::<2, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 3) => {
+                group_q8::<3, V>(w, x, nb, out, 0);
+                group_q8::<3, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 4) => {
+                group_q8::<4, V>(w, x, nb, out, 0);
+                group_q8::<4, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 5) => {
+                group_q8::<5, V>(w, x, nb, out, 0);
+                group_q8::<5, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 6) => {
+                group_q8::<6, V>(w, x, nb, out, 0);
+                group_q8::<6, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, 7) => {
+                group_q8::<7, V>(w, x, nb, out, 0);
+                group_q8::<7, V>(w, x, nb, out, 1);
+            }
+            (QType::Q8_0, _) => {
+                group_q8::<8, V>(w, x, nb, out, 0);
+                group_q8::<8, V>(w, x, nb, out, 1);
+            }
         }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,fma,f16c")]
+    unsafe fn tile_avx512(
+        ty: QType,
+        w: &[u8],
+        x: &[BlockQ8A],
+        nb: usize,
+        t: usize,
+        out: &mut [[f32; GROUP]; TILE],
+    ) {
+        match (ty, t) {
+            (QType::Q4_1, 1) => group_q4_512::<1, true>(w, x, nb, out),
+            (QType::Q4_1, 2) => group_q4_512::<2, true>(w, x, nb, out),
+            (QType::Q4_1, 3) => group_q4_512::<3, true>(w, x, nb, out),
+            (QType::Q4_1, 4) => group_q4_512::<4, true>(w, x, nb, out),
+            (QType::Q4_1, 5) => group_q4_512::<5, true>(w, x, nb, out),
+            (QType::Q4_1, 6) => group_q4_512::<6, true>(w, x, nb, out),
+            (QType::Q4_1, 7) => group_q4_512::<7, true>(w, x, nb, out),
+            (QType::Q4_1, _) => group_q4_512::<8, true>(w, x, nb, out),
+            (QType::Q4_0, 1) => group_q4_512::<1, false>(w, x, nb, out),
+            (QType::Q4_0, 2) => group_q4_512::<2, false>(w, x, nb, out),
+            (QType::Q4_0, 3) => group_q4_512::<3, false>(w, x, nb, out),
+            (QType::Q4_0, 4) => group_q4_512::<4, false>(w, x, nb, out),
+            (QType::Q4_0, 5) => group_q4_512::<5, false>(w, x, nb, out),
+            (QType::Q4_0, 6) => group_q4_512::<6, false>(w, x, nb, out),
+            (QType::Q4_0, 7) => group_q4_512::<7, false>(w, x, nb, out),
+            (QType::Q4_0, _) => group_q4_512::<8, false>(w, x, nb, out),
+            (QType::Q8_0, 1) => group_q8_512::<1>(w, x, nb, out),
+            (QType::Q8_0, 2) => group_q8_512::<2>(w, x, nb, out),
+            (QType::Q8_0, 3) => group_q8_512::<3>(w, x, nb, out),
+            (QType::Q8_0, 4) => group_q8_512::<4>(w, x, nb, out),
+            (QType::Q8_0, 5) => group_q8_512::<5>(w, x, nb, out),
+            (QType::Q8_0, 6) => group_q8_512::<6>(w, x, nb, out),
+            (QType::Q8_0, 7) => group_q8_512::<7>(w, x, nb, out),
+            (QType::Q8_0, _) => group_q8_512::<8>(w, x, nb, out),
+        }
+    }
+
+    /// [`group_q4`] on whole 16-row groups: one 512-bit `vpdpbusd` per
+    /// chunk, activations broadcast straight from memory.
+    #[inline(always)]
+    unsafe fn group_q4_512<const NA: usize, const Q41: bool>(
+        w: &[u8],
+        x: &[BlockQ8A],
+        nb: usize,
+        out: &mut [[f32; GROUP]; TILE],
+    ) {
+        let gbb = if Q41 { 320 } else { 288 };
+        let qo = if Q41 { 64 } else { 32 };
+        let mask = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); NA];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        for i in 0..nb {
+            let blk = wp.add(i * gbb);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let mw = if Q41 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))
+            } else {
+                dw
+            };
+            let mut lo = [_mm512_setzero_si512(); 4];
+            let mut hi = [_mm512_setzero_si512(); 4];
+            for c in 0..4 {
+                let q = _mm512_loadu_si512(blk.add(qo + 64 * c) as *const _);
+                lo[c] = _mm512_and_si512(q, mask);
+                hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), mask);
+            }
+            for j in 0..NA {
+                let a = &*xp.add(j * nb + i);
+                let aq = a.qs.as_ptr();
+                let mut s = _mm512_setzero_si512();
+                for c in 0..4 {
+                    s = _mm512_dpbusd_epi32(s, lo[c], bcast4_512(aq.add(4 * c)));
+                    s = _mm512_dpbusd_epi32(s, hi[c], bcast4_512(aq.add(16 + 4 * c)));
+                }
+                if !Q41 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * a.sum));
+                }
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(a.d));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+                if Q41 {
+                    acc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s), acc[j]);
+                }
+            }
+        }
+        for j in 0..NA {
+            _mm512_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+        }
+    }
+
+    /// [`group_q8`] on whole 16-row groups (offset-binary quants).
+    #[inline(always)]
+    unsafe fn group_q8_512<const NA: usize>(
+        w: &[u8],
+        x: &[BlockQ8A],
+        nb: usize,
+        out: &mut [[f32; GROUP]; TILE],
+    ) {
+        let gbb = 544;
+        let mut acc = [_mm512_setzero_ps(); NA];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        for i in 0..nb {
+            let blk = wp.add(i * gbb);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let mut isum = [_mm512_setzero_si512(); NA];
+            for c in 0..8 {
+                let u = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
+                for j in 0..NA {
+                    let a = bcast4_512((*xp.add(j * nb + i)).qs.as_ptr().add(4 * c));
+                    isum[j] = _mm512_dpbusd_epi32(isum[j], u, a);
+                }
+            }
+            for j in 0..NA {
+                let a = &*xp.add(j * nb + i);
+                let s = _mm512_sub_epi32(isum[j], _mm512_set1_epi32(128 * a.sum));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(a.d));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+            }
+        }
+        for j in 0..NA {
+            _mm512_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn bcast4_512(p: *const i8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
     macro_rules! tile_fn {
@@ -439,16 +661,17 @@ pub(crate) mod avx2 {
     }
 
     /// Q4_0 (`Q41 = false`: `d * (isum - 8 sum_a)`) or Q4_1 (`d * isum + m * s_a`)
-    /// for one 8-row group against NA activation rows.
+    /// for half `h` (rows 8h..8h+8) of a 16-row group against NA activation rows.
     #[inline(always)]
     unsafe fn group_q4<const NA: usize, const V: u8, const Q41: bool>(
         w: &[u8],
         x: &[BlockQ8A],
         nb: usize,
         out: &mut [[f32; GROUP]; TILE],
+        h: usize,
     ) {
-        let gbb = if Q41 { 160 } else { 144 };
-        let qo = if Q41 { 32 } else { 16 };
+        let gbb = if Q41 { 320 } else { 288 };
+        let qo = (if Q41 { 64 } else { 32 }) + 32 * h;
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); NA];
@@ -456,16 +679,16 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
             let mw = if Q41 {
-                _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+                _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h) as *const __m128i))
             } else {
                 dw
             };
             let mut lo = [_mm256_setzero_si256(); 4];
             let mut hi = [_mm256_setzero_si256(); 4];
             for c in 0..4 {
-                let q = _mm256_loadu_si256(blk.add(qo + 32 * c) as *const __m256i);
+                let q = _mm256_loadu_si256(blk.add(qo + 64 * c) as *const __m256i);
                 lo[c] = _mm256_and_si256(q, mask);
                 hi[c] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
             }
@@ -506,7 +729,7 @@ pub(crate) mod avx2 {
             }
         }
         for j in 0..NA {
-            _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+            _mm256_storeu_ps(out[j].as_mut_ptr().add(8 * h), acc[j]);
         }
     }
 
@@ -519,8 +742,9 @@ pub(crate) mod avx2 {
         x: &[BlockQ8A],
         nb: usize,
         out: &mut [[f32; GROUP]; TILE],
+        h: usize,
     ) {
-        let gbb = 272;
+        let gbb = 544;
         let ones = _mm256_set1_epi16(1);
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); NA];
@@ -528,10 +752,10 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
             let mut isum = [_mm256_setzero_si256(); NA];
             for c in 0..8 {
-                let u = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                let u = _mm256_loadu_si256(blk.add(32 + 64 * c + 32 * h) as *const __m256i);
                 if V == AVX2 {
                     let q = _mm256_xor_si256(u, flip);
                     let qabs = _mm256_sign_epi8(q, q);
@@ -558,7 +782,7 @@ pub(crate) mod avx2 {
             }
         }
         for j in 0..NA {
-            _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+            _mm256_storeu_ps(out[j].as_mut_ptr().add(8 * h), acc[j]);
         }
     }
 
@@ -696,7 +920,7 @@ mod tests {
             .into_iter()
             .flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t)))
         {
-            let (rows, cols) = (8, 64);
+            let (rows, cols) = (16, 64);
             let bb = ty.block_bytes();
             let mut data = vec![0u8; rows * cols / QK * bb];
             for (k, b) in data.chunks_exact_mut(bb).enumerate() {
