@@ -46,6 +46,82 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// One work item: a tile of new tokens of one sequence and one kv head, over
+/// keys `k0..` up to each token's causal limit; `part` is its slot in the
+/// split-results buffer when the key range is split.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    seq: usize,
+    t0: usize,
+    nt: usize,
+    kv_head: usize,
+    k0: usize,
+    k1: usize,
+    part: Option<usize>,
+}
+
+/// Keys per split when a step has too few work items to keep every thread
+/// busy (decode of one sequence has only `n_kv_heads` items).
+pub const SPLIT_KEYS: usize = 256;
+
+fn plan_items(
+    seqs: &[AttnSeq<'_>],
+    shape: AttnShape,
+    threads: usize,
+    bs: usize,
+    split: bool,
+) -> Vec<Item> {
+    let base: usize = seqs
+        .iter()
+        .map(|s| s.n_new.div_ceil(QUERY_TILE))
+        .sum::<usize>()
+        * shape.n_kv_heads;
+    let mut items = Vec::new();
+    let mut parts = 0;
+    for (si, s) in seqs.iter().enumerate() {
+        for t0 in (0..s.n_new).step_by(QUERY_TILE) {
+            let nt = (s.n_new - t0).min(QUERY_TILE);
+            let n_keys = s.start_pos + t0 + nt;
+            // Split single-token items of long sequences when items are few.
+            let want = if split && nt == 1 && base < 2 * threads {
+                (4 * threads).div_ceil(base)
+            } else {
+                1
+            };
+            let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
+            let span = n_keys.div_ceil(n_split).next_multiple_of(bs);
+            for g in 0..shape.n_kv_heads {
+                if n_split == 1 {
+                    items.push(Item {
+                        seq: si,
+                        t0,
+                        nt,
+                        kv_head: g,
+                        k0: 0,
+                        k1: n_keys,
+                        part: None,
+                    });
+                    continue;
+                }
+                for k0 in (0..n_keys).step_by(span) {
+                    let k1 = (k0 + span).min(n_keys);
+                    items.push(Item {
+                        seq: si,
+                        t0,
+                        nt,
+                        kv_head: g,
+                        k0,
+                        k1,
+                        part: Some(parts),
+                    });
+                    parts += 1;
+                }
+            }
+        }
+    }
+    items
+}
+
 /// `q` and `out` are `[n_tokens, n_heads * head_dim]`; K/V of every new token
 /// must already be in the pool.
 pub fn paged_attention(
@@ -59,49 +135,58 @@ pub fn paged_attention(
     let group = shape.n_heads / shape.n_kv_heads;
     let width = shape.n_heads * shape.head_dim;
     let len = group * shape.head_dim;
-    // Work item: (sequence, first new token, tokens, kv head).
-    let mut items = Vec::new();
-    for (si, s) in seqs.iter().enumerate() {
-        for t0 in (0..s.n_new).step_by(QUERY_TILE) {
-            for g in 0..shape.n_kv_heads {
-                items.push((si, t0, (s.n_new - t0).min(QUERY_TILE), g));
-            }
-        }
-    }
     let simd = super::simd_available();
+    let bs = pool.layout().block_size;
+    let items = plan_items(seqs, shape, rayon::current_num_threads(), bs, simd);
+    // Split items write unnormalized acc, then m and l, per part.
+    let part_len = len + 2 * group;
+    let n_parts = items.iter().filter(|i| i.part.is_some()).count();
+    let mut parts = vec![0f32; n_parts * part_len];
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let run = |&(si, t0, nt, g): &(usize, usize, usize, usize)| {
-        let s = &seqs[si];
+    let parts_ptr = SendPtr(parts.as_mut_ptr());
+    let run = |it: &Item| {
+        let s = &seqs[it.seq];
         let keys = Keys {
             pool,
             layer,
-            kv_head: g,
+            kv_head: it.kv_head,
             table: s.block_table,
-            n_keys: s.start_pos + t0 + nt,
+            first_key: it.k0,
+            n_keys: it.k1,
         };
-        let rows: Vec<usize> = (0..nt)
-            .map(|t| (s.first_row + t0 + t) * width + g * len)
+        let rows: Vec<usize> = (0..it.nt)
+            .map(|t| (s.first_row + it.t0 + t) * width + it.kv_head * len)
             .collect();
         #[cfg(target_arch = "x86_64")]
         if simd {
-            let outs = rows.iter().map(|&off| {
-                // SAFETY: each (token, kv head) owns a disjoint range of `out`.
-                unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) }
-            });
             let tile = QueryTile {
                 q,
                 rows: &rows,
                 len,
             };
-            // SAFETY: AVX2/FMA/F16C checked by simd_available().
-            unsafe { avx2::attend_tile(&tile, outs.collect(), &keys, shape) };
+            if let Some(p) = it.part {
+                // SAFETY: each part slot belongs to exactly one item.
+                let slot = unsafe {
+                    std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), part_len)
+                };
+                let (acc, ml) = slot.split_at_mut(len);
+                // SAFETY: AVX2/FMA/F16C checked by simd_available().
+                unsafe { avx2::attend_tile(&tile, vec![acc], &keys, shape, Some(ml)) };
+            } else {
+                let outs = rows.iter().map(|&off| {
+                    // SAFETY: each (token, kv head) owns a disjoint range of `out`.
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) }
+                });
+                // SAFETY: as above.
+                unsafe { avx2::attend_tile(&tile, outs.collect(), &keys, shape, None) };
+            }
             return;
         }
         for (t, &off) in rows.iter().enumerate() {
             // SAFETY: as above.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) };
             let k = Keys {
-                n_keys: s.start_pos + t0 + t + 1,
+                n_keys: s.start_pos + it.t0 + t + 1,
                 ..keys
             };
             attend_scalar(&q[off..off + len], o, &k, shape);
@@ -111,6 +196,62 @@ pub fn paged_attention(
         items.par_iter().with_max_len(1).for_each(run);
     } else {
         items.iter().for_each(run);
+    }
+    if n_parts > 0 {
+        merge_parts(&items, seqs, &parts, out, shape);
+    }
+}
+
+/// Combines the split results of each (token, kv head):
+/// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
+fn merge_parts(
+    items: &[Item],
+    seqs: &[AttnSeq<'_>],
+    parts: &[f32],
+    out: &mut [f32],
+    shape: AttnShape,
+) {
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let len = group * hd;
+    let width = shape.n_heads * hd;
+    let part_len = len + 2 * group;
+    let mut i = 0;
+    while i < items.len() {
+        let Some(p0) = items[i].part else {
+            i += 1;
+            continue;
+        };
+        let it = items[i];
+        let n = items[i..]
+            .iter()
+            .take_while(|x| {
+                x.part.is_some() && x.seq == it.seq && x.t0 == it.t0 && x.kv_head == it.kv_head
+            })
+            .count();
+        let off = (seqs[it.seq].first_row + it.t0) * width + it.kv_head * len;
+        let o = &mut out[off..off + len];
+        for h in 0..group {
+            let slot = |k: usize| &parts[(p0 + k) * part_len..(p0 + k + 1) * part_len];
+            let m = (0..n)
+                .map(|k| slot(k)[len + h])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut l = 0f32;
+            let oh = &mut o[h * hd..(h + 1) * hd];
+            oh.fill(0.0);
+            for k in 0..n {
+                let sl = slot(k);
+                let w = (sl[len + h] - m).exp();
+                l += sl[len + group + h] * w;
+                for (d, v) in oh.iter_mut().zip(&sl[h * hd..(h + 1) * hd]) {
+                    *d += v * w;
+                }
+            }
+            for d in oh.iter_mut() {
+                *d /= l;
+            }
+        }
+        i += n;
     }
 }
 
@@ -132,6 +273,9 @@ pub struct Keys<'a> {
     pub layer: usize,
     pub kv_head: usize,
     pub table: &'a [BlockId],
+    /// First key of the range (0 unless the item is one split of a range).
+    pub first_key: usize,
+    /// End of the key range (for a tile: the last token's causal limit).
     pub n_keys: usize,
 }
 
@@ -282,12 +426,17 @@ mod avx2 {
         mut outs: Vec<&mut [f32]>,
         keys: &Keys<'_>,
         shape: AttnShape,
+        partial: Option<&mut [f32]>,
     ) {
         let hd = shape.head_dim;
         let bs = keys.pool.layout().block_size;
         let nt = tile.rows.len();
         let group = tile.len / hd;
         if !hd.is_multiple_of(8) || hd > MAX_HD || bs > MAX_BLOCK || group > MAX_GROUP {
+            debug_assert!(
+                partial.is_none() && keys.first_key == 0,
+                "split items need the SIMD path"
+            );
             for (t, o) in outs.iter_mut().enumerate() {
                 let k = Keys {
                     n_keys: keys.n_keys - (nt - 1 - t),
@@ -302,7 +451,7 @@ mod avx2 {
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.resize(2 * bs * hd, 0.0);
             let (kbuf, vbuf) = scratch.split_at_mut(bs * hd);
-            attend_blocks(tile, &mut outs, keys, shape, kbuf, vbuf);
+            attend_blocks(tile, &mut outs, keys, shape, kbuf, vbuf, partial);
         });
     }
 
@@ -318,6 +467,7 @@ mod avx2 {
         shape: AttnShape,
         kbuf: &mut [f32],
         vbuf: &mut [f32],
+        partial: Option<&mut [f32]>,
     ) {
         let hd = shape.head_dim;
         let bs = keys.pool.layout().block_size;
@@ -329,7 +479,8 @@ mod avx2 {
         for o in outs.iter_mut() {
             o.fill(0.0);
         }
-        for (bi, &block) in keys.table.iter().enumerate() {
+        debug_assert!(keys.first_key.is_multiple_of(bs));
+        for (bi, &block) in keys.table.iter().enumerate().skip(keys.first_key / bs) {
             let first = bi * bs;
             if first >= keys.n_keys {
                 break;
@@ -360,13 +511,22 @@ mod avx2 {
                         scale(acc, c);
                     }
                     let lsum = exp_shifted(&mut scores[..nn.next_multiple_of(8)], nn, m_new);
-                    for (j, p) in scores.iter().enumerate().take(nn) {
-                        axpy(acc, *p, &vbuf[j * hd..(j + 1) * hd]);
+                    if hd == 64 {
+                        weighted_sum::<8>(acc, &scores[..nn], vbuf);
+                    } else {
+                        for (j, p) in scores.iter().enumerate().take(nn) {
+                            axpy(acc, *p, &vbuf[j * hd..(j + 1) * hd]);
+                        }
                     }
                     m[t][h] = m_new;
                     l[t][h] = l[t][h] * c + lsum;
                 }
             }
+        }
+        if let Some(ml) = partial {
+            ml[..group].copy_from_slice(&m[0][..group]);
+            ml[group..2 * group].copy_from_slice(&l[0][..group]);
+            return;
         }
         for (t, o) in outs.iter_mut().enumerate() {
             for h in 0..group {
@@ -375,6 +535,26 @@ mod avx2 {
                     *v *= inv;
                 }
             }
+        }
+    }
+
+    /// `acc += sum_j p[j] * V[j]` with the accumulator row in registers
+    /// (`HD8 * 8` = head_dim); V rows are contiguous in `v`.
+    #[inline(always)]
+    unsafe fn weighted_sum<const HD8: usize>(acc: &mut [f32], p: &[f32], v: &[f32]) {
+        let mut r = [_mm256_setzero_ps(); HD8];
+        for (k, rk) in r.iter_mut().enumerate() {
+            *rk = _mm256_loadu_ps(acc.as_ptr().add(8 * k));
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            let row = v.as_ptr().add(j * HD8 * 8);
+            for (k, rk) in r.iter_mut().enumerate() {
+                *rk = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * k)), *rk);
+            }
+        }
+        for (k, rk) in r.iter().enumerate() {
+            _mm256_storeu_ps(acc.as_mut_ptr().add(8 * k), *rk);
         }
     }
 }
@@ -392,6 +572,48 @@ mod tests {
     }
 
     #[test]
+    fn long_decodes_split_their_keys_and_prefills_do_not() {
+        let table: Vec<BlockId> = (0..64).map(BlockId).collect();
+        let shape = AttnShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            scale: 0.125,
+        };
+        let decode = AttnSeq {
+            block_table: &table,
+            start_pos: 999,
+            n_new: 1,
+            first_row: 0,
+        };
+        let items = plan_items(&[decode], shape, 2, 16, true);
+        // 3 kv heads x 3 splits of at most 336 keys, aligned to blocks.
+        assert_eq!(items.len(), 9);
+        assert!(items
+            .iter()
+            .all(|i| i.part.is_some() && i.k0 % 16 == 0 && i.k1 - i.k0 <= 336));
+        assert_eq!(
+            items
+                .iter()
+                .filter(|i| i.kv_head == 0)
+                .map(|i| i.k1 - i.k0)
+                .sum::<usize>(),
+            1000
+        );
+        let prefill = AttnSeq {
+            n_new: 40,
+            start_pos: 0,
+            ..decode
+        };
+        assert!(plan_items(&[prefill], shape, 2, 16, true)
+            .iter()
+            .all(|i| i.part.is_none()));
+        assert!(plan_items(&[decode], shape, 2, 16, false)
+            .iter()
+            .all(|i| i.part.is_none()));
+    }
+
+    #[test]
     fn simd_attention_equals_scalar_reference() {
         let mut seed = 3;
         let cases = [
@@ -402,6 +624,9 @@ mod tests {
             (4, 4, 128, 16, 17),
             (6, 1, 16, 32, 70),
             (9, 3, 64, 16, 90),
+            // Decode of long sequences: key ranges split across items.
+            (9, 3, 64, 16, 1000),
+            (8, 2, 32, 8, 600),
         ];
         for (n_heads, n_kv, hd, bs, n_tok) in cases {
             let layout = KvLayout {
@@ -410,7 +635,7 @@ mod tests {
                 head_dim: hd,
                 block_size: bs,
             };
-            let mut pool = KvPool::new(layout, 16);
+            let mut pool = KvPool::new(layout, n_tok / bs + 8);
             // Scatter the table so blocks are not in order.
             let mut t = BlockTable::default();
             assert!(pool.ensure_capacity(&mut t, 3 * bs));
@@ -428,7 +653,11 @@ mod tests {
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
             };
-            let n_new = n_tok.min(if n_tok == 90 { 40 } else { 5 });
+            let n_new = match n_tok {
+                90 => 40,
+                600 | 1000 => 1,
+                _ => n_tok.min(5),
+            };
             let q: Vec<f32> = (0..n_new * n_heads * hd).map(|_| lcg(&mut seed)).collect();
             let mut out = vec![0f32; q.len()];
             let seq = AttnSeq {
@@ -444,6 +673,7 @@ mod tests {
                     let off = t * n_heads * hd + g * group * hd;
                     let len = group * hd;
                     let keys = Keys {
+                        first_key: 0,
                         pool: &pool,
                         layer: 1,
                         kv_head: g,
