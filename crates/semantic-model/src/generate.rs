@@ -11,7 +11,7 @@ use semantic_kv::{BlockTable, KvPool};
 
 use crate::error::{ModelError, Result};
 use crate::sampling::Sampler;
-use crate::{LlamaModel, Tokenizer};
+use crate::{LlamaModel, StreamDecoder, Tokenizer};
 
 /// Prefill chunk: bounds the step's activation memory.
 pub const PREFILL_CHUNK: usize = 512;
@@ -40,6 +40,67 @@ impl Generation {
 /// Finds the earliest stop string in `text`, returning the cut position.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Detokenizes generated tokens into text deltas, holding back a tail that
+/// could still be the start of a stop string, and cutting at the first stop
+/// string. The deltas (plus [`TextStream::finish`]) concatenate to the reply.
+pub struct TextStream {
+    dec: StreamDecoder,
+    stops: Vec<String>,
+    hold: usize,
+    text: String,
+    emitted: usize,
+}
+
+impl TextStream {
+    pub fn new(tok: &Tokenizer, stops: &[String]) -> Self {
+        let hold = stops
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        Self {
+            dec: tok.stream_decoder(true),
+            stops: stops.to_vec(),
+            hold,
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token; returns the text that is now safe to emit and whether a
+    /// stop string ended the reply (the text is cut before it).
+    pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
+        self.text.push_str(&self.dec.push(id)?);
+        if let Some(cut) = find_stop(&self.text, &self.stops) {
+            self.text.truncate(cut.max(self.emitted));
+            return Ok((self.take(self.text.len()), true));
+        }
+        let mut safe = self.text.len().saturating_sub(self.hold).max(self.emitted);
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        Ok((self.take(safe), false))
+    }
+
+    /// Everything still held back (call once, when generation ends without a
+    /// stop string).
+    pub fn finish(&mut self) -> String {
+        self.text.push_str(&self.dec.finish());
+        self.take(self.text.len())
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let upto = upto.max(self.emitted);
+        let out = self.text[self.emitted..upto].to_owned();
+        self.emitted = upto;
+        out
+    }
 }
 
 /// Generates a reply to `prompt` (token ids). `on_text` receives each text
@@ -116,9 +177,7 @@ fn run(
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
     let mut out = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
-    let mut dec = tok.stream_decoder(true);
+    let mut stream = TextStream::new(tok, &params.stop);
     let finish;
     loop {
         let t = sampler.sample(&mut logits, &history).token;
@@ -128,21 +187,13 @@ fn run(
         }
         out.push(t);
         history.push(t);
-        text.push_str(&dec.push(t)?);
-        if let Some(cut) = find_stop(&text, &params.stop) {
-            text.truncate(cut);
+        let (delta, stopped) = stream.push(t)?;
+        if !delta.is_empty() {
+            on_text(&delta);
+        }
+        if stopped {
             finish = FinishReason::StopString;
             break;
-        }
-        // Emit all but a tail that could still start a stop string.
-        let hold = params.stop.iter().map(|s| s.len() - 1).max().unwrap_or(0);
-        let mut safe = text.len().saturating_sub(hold).max(emitted);
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        if safe > emitted {
-            on_text(&text[emitted..safe]);
-            emitted = safe;
         }
         if out.len() >= max_new {
             finish = if max_new < params.max_tokens {
@@ -156,13 +207,13 @@ fn run(
         logits = model.forward(&step(vec![t], pos, table, LogitsWanted::Last), pool)?;
     }
     if finish != FinishReason::StopString {
-        text.push_str(&dec.finish());
-    }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+        let tail = stream.finish();
+        if !tail.is_empty() {
+            on_text(&tail);
+        }
     }
     Ok(Generation {
-        text,
+        text: stream.text().to_owned(),
         tokens: out,
         finish,
         prompt_tokens: prompt.len(),

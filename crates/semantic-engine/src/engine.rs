@@ -1,0 +1,544 @@
+//! The engine loop: one thread owns the model, the KV pool, the scheduler and
+//! every sequence. `loop { schedule; forward; sample; update }`.
+//!
+//! Agent caches (hot tier): when a request of agent A finishes, its computed
+//! tokens and block table stay in `caches` under A. The next request of A
+//! takes them at admission, keeps the longest common prefix (verified token
+//! by token) and prefills only the rest. A preempted sequence's KV is kept
+//! the same way under its own key, so it resumes without recomputing unless
+//! the cache was evicted meanwhile. Idle caches are evicted LRU when the pool
+//! runs short; a cache in use by a sequence is never in `caches`, so a
+//! running agent is never evicted.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use semantic_core::{AgentId, FinishReason, LogitsWanted, SeqStep, StepPlan};
+use semantic_kv::{BlockTable, KvPool};
+use semantic_model::generate::TextStream;
+use semantic_model::{LlamaModel, Sampler, Tokenizer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::request::{EngineError, EngineRequest, TokenEvent, Usage};
+use crate::scheduler::{Blocks, Planned, Scheduler, SchedulerConfig, SeqId, SeqState};
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    pub kv_pool_bytes: usize,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_pool_bytes: 512 << 20,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// Counters of one step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub seqs: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub time: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub running: usize,
+    pub waiting: usize,
+    pub pool_blocks: usize,
+    pub free_blocks: usize,
+    pub block_bytes: usize,
+    pub cached_agents: usize,
+    pub evictions: u64,
+    pub preemptions: u64,
+    pub last_step: StepStats,
+}
+
+/// One agent's cache as the agents API shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentInfo {
+    pub agent: AgentId,
+    pub tokens: usize,
+    pub bytes: usize,
+    pub last_use: SystemTime,
+    pub hits: u64,
+    /// A request of this agent is running (its cache is in use).
+    pub active: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum CacheKey {
+    Agent(AgentId),
+    Preempted(SeqId),
+}
+
+struct Cached {
+    tokens: Vec<u32>,
+    table: BlockTable,
+    last_use: u64,
+    used_at: SystemTime,
+    hits: u64,
+}
+
+struct Seq {
+    req: EngineRequest,
+    /// Prompt, then every generated token.
+    tokens: Vec<u32>,
+    table: BlockTable,
+    sampler: Sampler,
+    text: TextStream,
+    events: UnboundedSender<TokenEvent>,
+    arrival: Instant,
+    admitted: bool,
+    n_generated: usize,
+    usage: Usage,
+    hits: u64,
+}
+
+pub struct Engine {
+    model: LlamaModel,
+    tok: Tokenizer,
+    pool: KvPool,
+    sched: Scheduler,
+    seqs: HashMap<SeqId, Seq>,
+    caches: HashMap<CacheKey, Cached>,
+    tick: u64,
+    next_seq: SeqId,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(model: LlamaModel, tok: Tokenizer, cfg: &EngineConfig) -> Self {
+        let pool = KvPool::with_budget(model.kv_layout(cfg.block_size), cfg.kv_pool_bytes);
+        Self {
+            model,
+            tok,
+            pool,
+            sched: Scheduler::new(cfg.scheduler),
+            seqs: HashMap::new(),
+            caches: HashMap::new(),
+            tick: 0,
+            next_seq: 1,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.sched.is_idle()
+    }
+
+    /// Validates and queues a request.
+    pub fn submit(
+        &mut self,
+        req: EngineRequest,
+        events: UnboundedSender<TokenEvent>,
+    ) -> Result<(), EngineError> {
+        let ctx = self.model.config().context_length;
+        let n = req.prompt.len();
+        if n == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if n + 1 > ctx {
+            return Err(EngineError::PromptTooLong {
+                prompt: n,
+                context: ctx,
+            });
+        }
+        let layout = self.pool.layout();
+        let need = layout.blocks_for((n + req.params.max_tokens).min(ctx));
+        let have = self.pool.blocks().n_blocks();
+        if need > have {
+            return Err(EngineError::PoolTooSmall { need, have });
+        }
+        let id = self.next_seq;
+        let state = SeqState {
+            id,
+            agent: req.agent.clone(),
+            n_tokens: n,
+            n_computed: 0,
+            decoding: false,
+        };
+        if !self.sched.add(state) {
+            return Err(EngineError::Overloaded {
+                waiting: self.sched.n_waiting(),
+            });
+        }
+        self.next_seq += 1;
+        let seq = Seq {
+            tokens: req.prompt.clone(),
+            table: BlockTable::default(),
+            sampler: Sampler::new(req.params.clone()),
+            text: TextStream::new(&self.tok, &req.params.stop),
+            events,
+            arrival: Instant::now(),
+            admitted: false,
+            n_generated: 0,
+            usage: Usage {
+                prompt_tokens: n,
+                ..Usage::default()
+            },
+            hits: 0,
+            req,
+        };
+        self.seqs.insert(id, seq);
+        Ok(())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.sched.n_running(),
+            waiting: self.sched.n_waiting(),
+            pool_blocks: self.pool.blocks().n_blocks(),
+            free_blocks: self.pool.n_free(),
+            block_bytes: self.pool.layout().block_bytes(),
+            cached_agents: self
+                .caches
+                .keys()
+                .filter(|k| matches!(k, CacheKey::Agent(_)))
+                .count(),
+            ..self.stats.clone()
+        }
+    }
+
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let bb = self.pool.layout().block_bytes();
+        let mut out: Vec<AgentInfo> = self
+            .caches
+            .iter()
+            .filter_map(|(k, c)| match k {
+                CacheKey::Agent(a) => Some(AgentInfo {
+                    agent: a.clone(),
+                    tokens: c.tokens.len(),
+                    bytes: c.table.len() * bb,
+                    last_use: c.used_at,
+                    hits: c.hits,
+                    active: false,
+                }),
+                CacheKey::Preempted(_) => None,
+            })
+            .collect();
+        for s in self.seqs.values().filter(|s| s.admitted) {
+            if let Some(a) = &s.req.agent {
+                out.push(AgentInfo {
+                    agent: a.clone(),
+                    tokens: s.tokens.len(),
+                    bytes: s.table.len() * bb,
+                    last_use: SystemTime::now(),
+                    hits: s.hits,
+                    active: true,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.agent.cmp(&b.agent));
+        out
+    }
+
+    /// Drops an idle agent's hot cache; false if it has none (or is active).
+    pub fn delete_agent(&mut self, agent: &AgentId) -> bool {
+        match self.caches.remove(&CacheKey::Agent(agent.clone())) {
+            Some(c) => {
+                self.pool
+                    .free_table(c.table)
+                    .expect("cache blocks are owned");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs one step; false when there was nothing to do.
+    pub fn step(&mut self) -> bool {
+        self.cancel_disconnected();
+        let started = Instant::now();
+        let schedule = {
+            let mut ctx = BlockCtx {
+                pool: &mut self.pool,
+                seqs: &mut self.seqs,
+                caches: &mut self.caches,
+                tick: &mut self.tick,
+                stats: &mut self.stats,
+            };
+            self.sched.schedule(&mut ctx)
+        };
+        self.stats.preemptions += schedule.preempted.len() as u64;
+        if schedule.work.is_empty() {
+            return false;
+        }
+        let mut plan = StepPlan::default();
+        let mut sample = Vec::with_capacity(schedule.work.len());
+        let mut step = StepStats {
+            seqs: schedule.work.len(),
+            ..StepStats::default()
+        };
+        for p in &schedule.work {
+            let st = self.sched.get(p.seq).expect("scheduled sequence");
+            let s = &self.seqs[&p.seq];
+            let start = st.n_computed;
+            let last = start + p.n_new == st.n_tokens;
+            if st.decoding {
+                step.decode_tokens += p.n_new;
+            } else {
+                step.prefill_tokens += p.n_new;
+            }
+            plan.seqs.push(SeqStep {
+                tokens: s.tokens[start..start + p.n_new].to_vec(),
+                start_pos: start,
+                block_table: s.table.blocks().to_vec(),
+                logits: if last {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            });
+            sample.push(last);
+        }
+        match self.model.forward(&plan, &mut self.pool) {
+            Ok(logits) => self.after_forward(&schedule.work, &sample, logits),
+            Err(e) => {
+                tracing::error!("forward failed: {e}");
+                for p in &schedule.work {
+                    self.end(p.seq, None, Some(e.to_string()));
+                }
+            }
+        }
+        step.time = started.elapsed();
+        self.stats.steps += 1;
+        self.stats.last_step = step;
+        true
+    }
+
+    fn after_forward(&mut self, work: &[Planned], sample: &[bool], mut logits: Vec<f32>) {
+        let vocab = self.model.config().vocab_size;
+        let mut rows = logits.chunks_exact_mut(vocab);
+        for (p, &wants) in work.iter().zip(sample) {
+            self.sched.on_computed(*p);
+            if let Some(s) = self.seqs.get_mut(&p.seq) {
+                if !s.admitted {
+                    s.admitted = true;
+                    s.usage.queue_time = s.arrival.elapsed();
+                }
+            }
+            if wants {
+                let row = rows.next().expect("one logit row per sampled sequence");
+                self.on_logits(p.seq, row);
+            }
+        }
+    }
+
+    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) {
+        let ctx = self.model.config().context_length;
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let picked = s.sampler.sample(row, &s.tokens);
+        if s.n_generated == 0 {
+            s.usage.ttft = s.arrival.elapsed();
+        }
+        if s.req.stop_ids.contains(&picked.token) {
+            return self.end(id, Some(FinishReason::Stop), None);
+        }
+        s.tokens.push(picked.token);
+        s.n_generated += 1;
+        self.sched.on_token(id);
+        let (text, stopped) = match s.text.push(picked.token) {
+            Ok(t) => t,
+            Err(e) => return self.end(id, None, Some(e.to_string())),
+        };
+        let logprob = s.req.logprobs.then_some(picked.logprob);
+        // A send error means the client left; the next step cancels it.
+        let _ = s.events.send(TokenEvent::Token {
+            id: picked.token,
+            text,
+            logprob,
+        });
+        let reason = if stopped {
+            Some(FinishReason::StopString)
+        } else if s.n_generated >= s.req.params.max_tokens {
+            Some(FinishReason::Length)
+        } else if s.tokens.len() >= ctx {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        if reason.is_some() {
+            self.end(id, reason, None);
+        }
+    }
+
+    fn cancel_disconnected(&mut self) {
+        let gone: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.end(id, Some(FinishReason::Cancelled), None);
+        }
+    }
+
+    /// Ends a sequence: sends the last event, keeps its KV as the agent's
+    /// cache (or frees it).
+    fn end(&mut self, id: SeqId, reason: Option<FinishReason>, error: Option<String>) {
+        let st = self.sched.remove(id);
+        let Some(mut s) = self.seqs.remove(&id) else {
+            return;
+        };
+        let computed = st.map(|st| st.n_computed).unwrap_or(0);
+        s.usage.completion_tokens = s.n_generated;
+        s.usage.total_time = s.arrival.elapsed();
+        let event = match (reason, error) {
+            (_, Some(e)) => TokenEvent::Error(e),
+            (Some(r), None) => {
+                let text_tail = if r == FinishReason::StopString {
+                    String::new()
+                } else {
+                    s.text.finish()
+                };
+                TokenEvent::Finished {
+                    reason: r,
+                    text_tail,
+                    usage: s.usage.clone(),
+                }
+            }
+            (None, None) => TokenEvent::Error("ended without a reason".into()),
+        };
+        let _ = s.events.send(event);
+        self.caches
+            .remove(&CacheKey::Preempted(id))
+            .map(|c| self.pool.free_table(c.table));
+        match s.req.agent.clone() {
+            Some(agent) if computed > 0 => {
+                let mut table = std::mem::take(&mut s.table);
+                self.pool
+                    .truncate_table(&mut table, computed)
+                    .expect("own blocks");
+                self.tick += 1;
+                let cached = Cached {
+                    tokens: s.tokens[..computed].to_vec(),
+                    table,
+                    last_use: self.tick,
+                    used_at: SystemTime::now(),
+                    hits: s.hits,
+                };
+                if let Some(old) = self.caches.insert(CacheKey::Agent(agent), cached) {
+                    self.pool.free_table(old.table).expect("own blocks");
+                }
+            }
+            _ => self
+                .pool
+                .free_table(std::mem::take(&mut s.table))
+                .expect("own blocks"),
+        }
+    }
+}
+
+/// The scheduler's view of blocks: sequence tables, idle caches, the pool.
+struct BlockCtx<'a> {
+    pool: &'a mut KvPool,
+    seqs: &'a mut HashMap<SeqId, Seq>,
+    caches: &'a mut HashMap<CacheKey, Cached>,
+    tick: &'a mut u64,
+    stats: &'a mut EngineStats,
+}
+
+impl Blocks for BlockCtx<'_> {
+    fn grow(&mut self, seq: SeqId, n_tokens: usize) -> bool {
+        let s = self.seqs.get_mut(&seq).expect("scheduled sequence");
+        self.pool.ensure_capacity(&mut s.table, n_tokens)
+    }
+
+    fn evict_idle(&mut self) -> bool {
+        let Some(key) = self
+            .caches
+            .iter()
+            .min_by_key(|(_, c)| c.last_use)
+            .map(|(k, _)| k.clone())
+        else {
+            return false;
+        };
+        let c = self.caches.remove(&key).expect("present");
+        tracing::debug!(?key, tokens = c.tokens.len(), "evicting idle cache");
+        self.pool
+            .free_table(c.table)
+            .expect("cache blocks are owned");
+        self.stats.evictions += 1;
+        true
+    }
+
+    fn preempt(&mut self, seq: SeqId, n_computed: usize) -> usize {
+        let s = self.seqs.get_mut(&seq).expect("running sequence");
+        let mut table = std::mem::take(&mut s.table);
+        let key = match &s.req.agent {
+            Some(a) => CacheKey::Agent(a.clone()),
+            None => CacheKey::Preempted(seq),
+        };
+        if n_computed == 0 {
+            self.pool.free_table(table).expect("own blocks");
+            return 0;
+        }
+        self.pool
+            .truncate_table(&mut table, n_computed)
+            .expect("own blocks");
+        *self.tick += 1;
+        let hits = s.hits;
+        let c = Cached {
+            tokens: s.tokens[..n_computed].to_vec(),
+            table,
+            last_use: *self.tick,
+            used_at: SystemTime::now(),
+            hits,
+        };
+        if let Some(old) = self.caches.insert(key, c) {
+            self.pool.free_table(old.table).expect("own blocks");
+        }
+        0
+    }
+
+    fn admit(&mut self, seq: SeqId) -> usize {
+        let s = self.seqs.get_mut(&seq).expect("queued sequence");
+        let key = match &s.req.agent {
+            Some(a) if !self.caches.contains_key(&CacheKey::Preempted(seq)) => {
+                CacheKey::Agent(a.clone())
+            }
+            _ => CacheKey::Preempted(seq),
+        };
+        let Some(c) = self.caches.remove(&key) else {
+            return 0;
+        };
+        // Verified token by token, never on a hash alone.
+        let lcp = c
+            .tokens
+            .iter()
+            .zip(&s.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let mut table = c.table;
+        self.pool
+            .truncate_table(&mut table, lcp)
+            .expect("own blocks");
+        let old = std::mem::replace(&mut s.table, table);
+        self.pool.free_table(old).expect("own blocks");
+        if !s.admitted {
+            s.usage.cached_hot_tokens = lcp.min(s.tokens.len() - 1);
+            s.hits = c.hits + u64::from(lcp > 0);
+        }
+        lcp
+    }
+}

@@ -1,0 +1,205 @@
+//! The async edge: a `Clone` handle that sends commands to the engine thread
+//! and gets replies on oneshot channels; token events come back on a
+//! per-request channel. Dropping a [`TokenStream`] cancels its request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use semantic_core::{AgentId, RequestId};
+use semantic_model::{LlamaModel, Tokenizer};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::engine::{AgentInfo, Engine, EngineConfig, EngineStats};
+use crate::request::{EngineError, EngineRequest, TokenEvent};
+
+enum Command {
+    Submit {
+        req: EngineRequest,
+        events: tmpsc::UnboundedSender<TokenEvent>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Stats(oneshot::Sender<EngineStats>),
+    Agents(oneshot::Sender<Vec<AgentInfo>>),
+    DeleteAgent(AgentId, oneshot::Sender<bool>),
+    Shutdown,
+}
+
+/// What the HTTP side needs to know about the model.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    info: Arc<ModelInfo>,
+    next_id: Arc<AtomicU64>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// The token events of one request. Dropping it cancels the request; the
+/// engine frees (or caches) its blocks at the next step.
+pub struct TokenStream {
+    rx: tmpsc::UnboundedReceiver<TokenEvent>,
+}
+
+impl TokenStream {
+    pub async fn next(&mut self) -> Option<TokenEvent> {
+        self.rx.recv().await
+    }
+
+    /// For synchronous callers (tests, CLI).
+    pub fn blocking_next(&mut self) -> Option<TokenEvent> {
+        self.rx.blocking_recv()
+    }
+
+    pub fn into_inner(self) -> tmpsc::UnboundedReceiver<TokenEvent> {
+        self.rx
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; it owns the model from now on.
+    pub fn spawn(
+        model: LlamaModel,
+        tok: Tokenizer,
+        name: String,
+        cfg: EngineConfig,
+    ) -> EngineHandle {
+        let info = Arc::new(ModelInfo {
+            name,
+            context_length: model.config().context_length,
+            vocab_size: model.config().vocab_size,
+        });
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("semantic-engine".into())
+            .spawn(move || run(Engine::new(model, tok, &cfg), rx))
+            .expect("spawn engine thread");
+        EngineHandle {
+            tx,
+            info,
+            next_id: Arc::new(AtomicU64::new(1)),
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        }
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Queues a request; errors (overloaded, too long) come back at once.
+    pub async fn submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
+        let (events, rx) = tmpsc::unbounded_channel();
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Command::Submit { req, events, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        done.await.map_err(|_| EngineError::Stopped)??;
+        Ok(TokenStream { rx })
+    }
+
+    /// [`Self::submit`] for synchronous callers.
+    pub fn blocking_submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
+        let (events, rx) = tmpsc::unbounded_channel();
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Command::Submit { req, events, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        done.blocking_recv().map_err(|_| EngineError::Stopped)??;
+        Ok(TokenStream { rx })
+    }
+
+    pub async fn stats(&self) -> Result<EngineStats, EngineError> {
+        self.ask(Command::Stats).await
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentInfo>, EngineError> {
+        self.ask(Command::Agents).await
+    }
+
+    pub async fn delete_agent(&self, agent: AgentId) -> Result<bool, EngineError> {
+        self.ask(|r| Command::DeleteAgent(agent, r)).await
+    }
+
+    pub fn blocking_stats(&self) -> Result<EngineStats, EngineError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Command::Stats(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        done.blocking_recv().map_err(|_| EngineError::Stopped)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        done.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stops the engine after the current step and waits for its thread.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
+    loop {
+        // Block only when there is nothing to compute.
+        let first = if engine.has_work() {
+            match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        };
+        let mut next = first;
+        while let Some(cmd) = next {
+            if !handle(&mut engine, cmd) {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        engine.step();
+    }
+}
+
+fn handle(engine: &mut Engine, cmd: Command) -> bool {
+    match cmd {
+        Command::Submit { req, events, reply } => {
+            let _ = reply.send(engine.submit(req, events));
+        }
+        Command::Stats(r) => {
+            let _ = r.send(engine.stats());
+        }
+        Command::Agents(r) => {
+            let _ = r.send(engine.agents());
+        }
+        Command::DeleteAgent(a, r) => {
+            let _ = r.send(engine.delete_agent(&a));
+        }
+        Command::Shutdown => return false,
+    }
+    true
+}
