@@ -10,6 +10,8 @@
 //!
 //! The storage is one zeroed allocation; untouched pages cost no RSS.
 
+use std::ops::Range;
+
 use half::f16;
 use semantic_core::BlockId;
 
@@ -131,6 +133,16 @@ impl KvPool {
         }
     }
 
+    /// Keeps the first `n_tokens` slots of the table; the blocks after them
+    /// go back to the pool.
+    pub fn truncate_table(&mut self, table: &mut BlockTable, n_tokens: usize) -> Result<(), PoolError> {
+        let keep = self.layout.blocks_for(n_tokens).min(table.blocks.len());
+        for b in table.blocks.drain(keep..) {
+            self.blocks.release(b)?;
+        }
+        Ok(())
+    }
+
     /// Returns every block of the table to the pool.
     pub fn free_table(&mut self, mut table: BlockTable) -> Result<(), PoolError> {
         for b in std::mem::take(&mut table.blocks) {
@@ -148,6 +160,72 @@ impl KvPool {
     pub fn run(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> &[f16] {
         let off = self.run_offset(block, layer, kv, head);
         &self.data[off..off + self.layout.run_elems()]
+    }
+
+    /// Copies K (`kv = 0`) or V (`kv = 1`) of one head for the positions
+    /// `tokens` of the sequence with block table `table` into `out`, position
+    /// major: `out[(p - tokens.start) * head_dim + d]`. This is the on-disk row
+    /// order of an agent cache, independent of the block size.
+    ///
+    /// Panics if `out.len() != tokens.len() * head_dim` or the table does not
+    /// cover `tokens.end` positions.
+    pub fn export_head_tokens(
+        &self,
+        table: &[BlockId],
+        layer: usize,
+        kv: usize,
+        head: usize,
+        tokens: Range<usize>,
+        out: &mut [f16],
+    ) {
+        let dim = self.layout.head_dim;
+        assert_eq!(out.len(), tokens.len() * dim, "output length");
+        for (pos, n, at) in self.block_spans(tokens) {
+            let off = self.run_offset(table[pos / self.layout.block_size], layer, kv, head)
+                + (pos % self.layout.block_size) * dim;
+            out[at * dim..(at + n) * dim].copy_from_slice(&self.data[off..off + n * dim]);
+        }
+    }
+
+    /// The inverse of [`KvPool::export_head_tokens`]: stores `src`
+    /// (`n * head_dim` values, position major) as K or V of one head for the
+    /// positions `first..first + n`.
+    ///
+    /// Panics if `src.len()` is not a multiple of `head_dim` or the table does
+    /// not cover `first + n` positions.
+    pub fn import_head_tokens(
+        &mut self,
+        table: &[BlockId],
+        layer: usize,
+        kv: usize,
+        head: usize,
+        first: usize,
+        src: &[f16],
+    ) {
+        let dim = self.layout.head_dim;
+        assert_eq!(src.len() % dim, 0, "source length is not whole tokens");
+        for (pos, n, at) in self.block_spans(first..first + src.len() / dim) {
+            let off = self.run_offset(table[pos / self.layout.block_size], layer, kv, head)
+                + (pos % self.layout.block_size) * dim;
+            self.data[off..off + n * dim].copy_from_slice(&src[at * dim..(at + n) * dim]);
+        }
+    }
+
+    /// Splits `tokens` at block boundaries: `(position, count, index into the
+    /// range)` for each piece that lies in one block.
+    fn block_spans(&self, tokens: Range<usize>) -> impl Iterator<Item = (usize, usize, usize)> {
+        let bs = self.layout.block_size;
+        let start = tokens.start;
+        let mut pos = start;
+        std::iter::from_fn(move || {
+            if pos >= tokens.end {
+                return None;
+            }
+            let n = (bs - pos % bs).min(tokens.end - pos);
+            let span = (pos, n, pos - start);
+            pos += n;
+            Some(span)
+        })
     }
 
     /// Stores K and V (`n_kv_heads * head_dim` f32 each) of the token at
@@ -217,6 +295,88 @@ mod tests {
         assert_eq!(pool.bytes_in_use(), 2 * layout().block_bytes());
         pool.free_table(t).unwrap();
         assert_eq!(pool.n_free(), 3);
+    }
+
+    fn fill_random(pool: &mut KvPool, table: &[BlockId], n_tokens: usize, seed: u64) {
+        let l = *pool.layout();
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let width = l.n_kv_heads * l.head_dim;
+        for pos in 0..n_tokens {
+            for layer in 0..l.n_layers {
+                let k: Vec<f32> = (0..width).map(|_| next()).collect();
+                let v: Vec<f32> = (0..width).map(|_| next()).collect();
+                pool.write_token(table, layer, pos, &k, &v);
+            }
+        }
+    }
+
+    #[test]
+    fn export_matches_the_runs_slot_by_slot() {
+        let l = layout();
+        let mut pool = KvPool::new(l, 4);
+        let mut t = BlockTable::default();
+        assert!(pool.ensure_capacity(&mut t, 7));
+        fill_random(&mut pool, t.blocks(), 7, 1);
+        let mut out = vec![f16::ZERO; 5 * l.head_dim];
+        pool.export_head_tokens(t.blocks(), 1, 1, 2, 1..6, &mut out);
+        for (i, pos) in (1..6).enumerate() {
+            let run = pool.run(t.blocks()[pos / l.block_size], 1, 1, 2);
+            let slot = pos % l.block_size;
+            assert_eq!(
+                &out[i * l.head_dim..(i + 1) * l.head_dim],
+                &run[slot * l.head_dim..(slot + 1) * l.head_dim],
+                "position {pos}"
+            );
+        }
+        let mut empty: [f16; 0] = [];
+        pool.export_head_tokens(t.blocks(), 0, 0, 0, 3..3, &mut empty);
+        pool.free_table(t).unwrap();
+    }
+
+    /// Export from one block size, import into another: the rows are the
+    /// same bits, so a file written from one pool loads into any other.
+    #[test]
+    fn export_then_import_across_block_sizes_is_bit_exact() {
+        let a_layout = layout();
+        let b_layout = KvLayout {
+            block_size: 5,
+            ..a_layout
+        };
+        let n = 11;
+        let mut a = KvPool::new(a_layout, 8);
+        let mut ta = BlockTable::default();
+        assert!(a.ensure_capacity(&mut ta, n));
+        fill_random(&mut a, ta.blocks(), n, 7);
+        let mut b = KvPool::new(b_layout, 4);
+        let mut skip = BlockTable::default();
+        assert!(b.ensure_capacity(&mut skip, 1), "so b's table is not 0..");
+        let mut tb = BlockTable::default();
+        assert!(b.ensure_capacity(&mut tb, n));
+        let mut row = vec![f16::ZERO; n * a_layout.head_dim];
+        let mut back = row.clone();
+        for layer in 0..a_layout.n_layers {
+            for kv in 0..2 {
+                for head in 0..a_layout.n_kv_heads {
+                    a.export_head_tokens(ta.blocks(), layer, kv, head, 0..n, &mut row);
+                    // Two pieces, split inside a block of b.
+                    let cut = 7 * a_layout.head_dim;
+                    b.import_head_tokens(tb.blocks(), layer, kv, head, 0, &row[..cut]);
+                    b.import_head_tokens(tb.blocks(), layer, kv, head, 7, &row[cut..]);
+                    b.export_head_tokens(tb.blocks(), layer, kv, head, 0..n, &mut back);
+                    let bits = |r: &[f16]| r.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&row), bits(&back), "layer {layer} kv {kv} head {head}");
+                }
+            }
+        }
+        a.free_table(ta).unwrap();
+        b.free_table(tb).unwrap();
+        b.free_table(skip).unwrap();
     }
 
     #[test]
