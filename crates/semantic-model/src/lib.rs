@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod linear;
 pub mod llama;
+pub mod paths;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -7,27 +7,9 @@ use semantic_core::{BlockId, LogitsWanted, SeqStep, StepPlan};
 use semantic_kv::{BlockTable, KvPool};
 use semantic_model::{GgufFile, LlamaModel};
 
-pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `SEMANTIC_TEST_MODEL`, else `$SEMANTIC_HOME/models/…`, else
-/// `~/.cache/semantic/models/…`. Fails (never skips) when absent.
+/// The real default model (fails, never skips, when absent).
 pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SEMANTIC_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("SEMANTIC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/semantic")
-        });
-    let p = home.join("models").join(MODEL_FILE);
-    assert!(
-        p.exists(),
-        "default model missing at {}: run `cargo run --release -- model pull`",
-        p.display()
-    );
-    p
+    semantic_model::paths::test_model_path()
 }
 
 pub fn load() -> (GgufFile, LlamaModel) {

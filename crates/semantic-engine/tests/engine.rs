@@ -1,0 +1,275 @@
+//! The engine on the real default model: batching invariance, agent cache
+//! reuse, cancellation, and a pool far too small for the load.
+
+use std::time::Duration;
+
+use semantic_core::{AgentId, FinishReason, RequestId, SamplingParams};
+use semantic_engine::{
+    EngineConfig, EngineHandle, EngineRequest, SchedulerConfig, TokenEvent, TokenStream, Usage,
+};
+use semantic_model::{paths, ChatMessage, ChatTemplate, GgufFile, LlamaModel, Tokenizer};
+
+struct Fixture {
+    handle: EngineHandle,
+    tok: Tokenizer,
+    tpl: ChatTemplate,
+}
+
+fn start(kv_pool_mb: usize, step_tokens: usize) -> Fixture {
+    let g = GgufFile::open(&paths::test_model_path()).unwrap();
+    let model = LlamaModel::load(&g).unwrap();
+    let tok = Tokenizer::from_gguf(g.content()).unwrap();
+    let tpl = ChatTemplate::from_gguf(g.content(), &tok).unwrap();
+    let cfg = EngineConfig {
+        block_size: 16,
+        kv_pool_bytes: kv_pool_mb << 20,
+        scheduler: SchedulerConfig {
+            step_tokens,
+            max_running: 16,
+            max_waiting: 64,
+        },
+    };
+    let handle = EngineHandle::spawn(model, tok.clone(), "test".into(), cfg);
+    Fixture { handle, tok, tpl }
+}
+
+impl Fixture {
+    fn request(
+        &self,
+        agent: Option<&str>,
+        msgs: &[ChatMessage],
+        max_tokens: usize,
+    ) -> EngineRequest {
+        let text = self.tpl.render(msgs, true, None).unwrap();
+        EngineRequest {
+            id: self.handle.next_request_id(),
+            agent: agent.map(|a| AgentId::new(a).unwrap()),
+            prompt: self.tok.encode(&text).unwrap(),
+            params: SamplingParams {
+                max_tokens,
+                ..Default::default()
+            },
+            stop_ids: self.tpl.stop_token_ids(&self.tok),
+            logprobs: false,
+        }
+    }
+}
+
+/// Collects a whole reply: (token ids, text, finish, usage).
+fn collect(mut s: TokenStream) -> (Vec<u32>, String, FinishReason, Usage) {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    loop {
+        match s.blocking_next().expect("stream ended without Finished") {
+            TokenEvent::Token { id, text: t, .. } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            TokenEvent::Finished {
+                reason,
+                text_tail,
+                usage,
+            } => {
+                text.push_str(&text_tail);
+                return (ids, text, reason, usage);
+            }
+            TokenEvent::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+}
+
+fn question(i: usize) -> Vec<ChatMessage> {
+    let topics = [
+        "the moon",
+        "bread",
+        "rivers",
+        "music",
+        "volcanoes",
+        "bees",
+        "chess",
+        "snow",
+    ];
+    vec![
+        ChatMessage::system(format!("You are agent {i}. Answer briefly.")),
+        ChatMessage::user(format!(
+            "Tell me one fact about {}.",
+            topics[i % topics.len()]
+        )),
+    ]
+}
+
+#[test]
+fn concurrent_agents_get_exactly_their_solo_outputs() {
+    let f = start(256, 64);
+    let solo: Vec<Vec<u32>> = (0..5)
+        .map(|i| {
+            collect(
+                f.handle
+                    .blocking_submit(f.request(None, &question(i), 24))
+                    .unwrap(),
+            )
+            .0
+        })
+        .collect();
+    // All five at once, as agents, with small prefill chunks so prefills and
+    // decodes of different agents share steps.
+    let streams: Vec<TokenStream> = (0..5)
+        .map(|i| {
+            f.handle
+                .blocking_submit(f.request(Some(&format!("agent-{i}")), &question(i), 24))
+                .unwrap()
+        })
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        let (ids, _, _, usage) = collect(s);
+        assert_eq!(ids, solo[i], "agent {i} differs from its solo run");
+        assert_eq!(usage.cached_hot_tokens, 0);
+    }
+    let stats = f.handle.blocking_stats().unwrap();
+    assert_eq!(stats.cached_agents, 5);
+    f.handle.shutdown();
+}
+
+#[test]
+fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
+    let f = start(128, 512);
+    let mut msgs = question(1);
+    let (_, first, _, u1) = collect(
+        f.handle
+            .blocking_submit(f.request(Some("coder"), &msgs, 16))
+            .unwrap(),
+    );
+    assert_eq!(u1.cached_hot_tokens, 0);
+    msgs.push(ChatMessage::assistant(first));
+    msgs.push(ChatMessage::user("And one more?"));
+    let warm_req = f.request(Some("coder"), &msgs, 16);
+    let prompt_len = warm_req.prompt.len();
+    let (warm, _, _, u2) = collect(f.handle.blocking_submit(warm_req).unwrap());
+    assert!(
+        u2.cached_hot_tokens > prompt_len / 2,
+        "reused {} of {prompt_len}",
+        u2.cached_hot_tokens
+    );
+    // The same conversation cold, as another agent: identical greedy output.
+    let (cold, _, _, u3) = collect(
+        f.handle
+            .blocking_submit(f.request(Some("fresh"), &msgs, 16))
+            .unwrap(),
+    );
+    assert_eq!(u3.cached_hot_tokens, 0);
+    assert_eq!(warm, cold);
+    // An edit in the middle reuses only the part before it.
+    let mut edited = msgs.clone();
+    edited[1] = ChatMessage::user("Tell me one fact about bread, please.");
+    let (_, _, _, u4) = collect(
+        f.handle
+            .blocking_submit(f.request(Some("coder"), &edited, 4))
+            .unwrap(),
+    );
+    assert!(u4.cached_hot_tokens > 0 && u4.cached_hot_tokens < u2.cached_hot_tokens);
+    f.handle.shutdown();
+}
+
+#[test]
+fn cancelling_mid_prefill_and_mid_decode_frees_every_block() {
+    let f = start(64, 32);
+    let free0 = f.handle.blocking_stats().unwrap().free_blocks;
+    // Mid-prefill: a long prompt in 32-token chunks, dropped after submit.
+    let long = vec![ChatMessage::user("word ".repeat(600))];
+    let s = f.handle.blocking_submit(f.request(None, &long, 8)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    drop(s);
+    // Mid-decode: drop after the first tokens.
+    let mut s = f
+        .handle
+        .blocking_submit(f.request(None, &question(2), 200))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(s.blocking_next(), Some(TokenEvent::Token { .. })));
+    }
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.handle.blocking_stats().unwrap();
+        if st.running + st.waiting == 0 && st.free_blocks == free0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocks not returned: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.handle.shutdown();
+}
+
+#[test]
+fn a_pool_far_too_small_still_serves_everyone_correctly() {
+    // 2 MiB = 5 blocks of 16 tokens: about one sequence at a time.
+    let f = start(2, 512);
+    let reqs: Vec<Vec<ChatMessage>> = (0..4).map(question).collect();
+    let solo: Vec<Vec<u32>> = {
+        let g = start(64, 512);
+        let out = reqs
+            .iter()
+            .map(|m| collect(g.handle.blocking_submit(g.request(None, m, 12)).unwrap()).0)
+            .collect();
+        g.handle.shutdown();
+        out
+    };
+    let streams: Vec<TokenStream> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            f.handle
+                .blocking_submit(f.request(Some(&format!("a{i}")), m, 12))
+                .unwrap()
+        })
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        assert_eq!(collect(s).0, solo[i], "request {i}");
+    }
+    let st = f.handle.blocking_stats().unwrap();
+    assert!(
+        st.evictions + st.preemptions > 0,
+        "the pool forced evictions: {st:?}"
+    );
+    assert_eq!(st.running + st.waiting, 0);
+    // Every block is free or held by an agent cache (no leak).
+    let held: usize = f.handle_agents_bytes() / st.block_bytes;
+    assert_eq!(st.free_blocks + held, st.pool_blocks, "{st:?}");
+    f.handle.shutdown();
+}
+
+#[test]
+fn bad_requests_are_refused_at_once() {
+    let f = start(2, 512);
+    let mut r = f.request(None, &question(0), 8);
+    r.prompt.clear();
+    assert!(f.handle.blocking_submit(r).is_err());
+    let mut r = f.request(None, &question(0), 8);
+    r.prompt = vec![1; 9000];
+    let e = f.handle.blocking_submit(r).err().unwrap().to_string();
+    assert!(e.contains("context"), "{e}");
+    let r = f.request(None, &question(0), 4000);
+    let e = f.handle.blocking_submit(r).err().unwrap().to_string();
+    assert!(e.contains("--kv-pool-mb"), "{e}");
+    let _ = RequestId(0);
+    f.handle.shutdown();
+}
+
+trait AgentsBytes {
+    fn handle_agents_bytes(&self) -> usize;
+}
+
+impl AgentsBytes for Fixture {
+    fn handle_agents_bytes(&self) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(self.handle.agents())
+            .unwrap()
+            .iter()
+            .map(|a| a.bytes)
+            .sum()
+    }
+}
