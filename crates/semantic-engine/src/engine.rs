@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use semantic_core::{AgentId, FinishReason, LogitsWanted, SeqStep, StepPlan};
-use semantic_kv::{BlockTable, KvPool};
+use semantic_kv::{block_hash, BlockHash, BlockTable, KvPool};
 use semantic_model::generate::TextStream;
 use semantic_model::{LlamaModel, Sampler, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,6 +27,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     pub kv_pool_bytes: usize,
     pub scheduler: SchedulerConfig,
+    /// Mixed into every block hash (the model fingerprint), so cached blocks
+    /// of one model never match another's.
+    pub hash_salt: u64,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +38,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_pool_bytes: 512 << 20,
             scheduler: SchedulerConfig::default(),
+            hash_salt: 0,
         }
     }
 }
@@ -101,6 +105,8 @@ struct Seq {
     n_generated: usize,
     usage: Usage,
     hits: u64,
+    /// Chained hashes of the full blocks computed so far.
+    hashes: Vec<BlockHash>,
 }
 
 pub struct Engine {
@@ -113,6 +119,7 @@ pub struct Engine {
     tick: u64,
     next_seq: SeqId,
     stats: EngineStats,
+    salt: u64,
 }
 
 impl Engine {
@@ -128,6 +135,7 @@ impl Engine {
             tick: 0,
             next_seq: 1,
             stats: EngineStats::default(),
+            salt: cfg.hash_salt,
         }
     }
 
@@ -194,6 +202,7 @@ impl Engine {
                 ..Usage::default()
             },
             hits: 0,
+            hashes: Vec::new(),
             req,
         };
         self.seqs.insert(id, seq);
@@ -273,6 +282,7 @@ impl Engine {
                 caches: &mut self.caches,
                 tick: &mut self.tick,
                 stats: &mut self.stats,
+                salt: self.salt,
             };
             self.sched.schedule(&mut ctx)
         };
@@ -326,12 +336,23 @@ impl Engine {
     fn after_forward(&mut self, work: &[Planned], sample: &[bool], mut logits: Vec<f32>) {
         let vocab = self.model.config().vocab_size;
         let mut rows = logits.chunks_exact_mut(vocab);
+        let bs = self.pool.layout().block_size;
         for (p, &wants) in work.iter().zip(sample) {
             self.sched.on_computed(*p);
+            let computed = self.sched.get(p.seq).map_or(0, |st| st.n_computed);
             if let Some(s) = self.seqs.get_mut(&p.seq) {
                 if !s.admitted {
                     s.admitted = true;
                     s.usage.queue_time = s.arrival.elapsed();
+                    s.usage.computed_tokens = s.tokens.len() - s.usage.cached_hot_tokens;
+                }
+                // Newly full blocks become shareable.
+                while s.hashes.len() < computed / bs {
+                    let i = s.hashes.len();
+                    let chunk = &s.tokens[i * bs..(i + 1) * bs];
+                    let h = block_hash(s.hashes.last().copied(), chunk, self.salt);
+                    self.pool.register_block(s.table.blocks()[i], h, chunk);
+                    s.hashes.push(h);
                 }
             }
             if wants {
@@ -456,6 +477,7 @@ struct BlockCtx<'a> {
     caches: &'a mut HashMap<CacheKey, Cached>,
     tick: &'a mut u64,
     stats: &'a mut EngineStats,
+    salt: u64,
 }
 
 impl Blocks for BlockCtx<'_> {
@@ -511,7 +533,11 @@ impl Blocks for BlockCtx<'_> {
         0
     }
 
+    /// Attaches the longest verified prefix from the agent's (or the
+    /// sequence's preempted) cache or, if longer, from the shared block
+    /// index; then makes the block at the write frontier private.
     fn admit(&mut self, seq: SeqId) -> usize {
+        let bs = self.pool.layout().block_size;
         let s = self.seqs.get_mut(&seq).expect("queued sequence");
         let key = match &s.req.agent {
             Some(a) if !self.caches.contains_key(&CacheKey::Preempted(seq)) => {
@@ -519,26 +545,55 @@ impl Blocks for BlockCtx<'_> {
             }
             _ => CacheKey::Preempted(seq),
         };
-        let Some(c) = self.caches.remove(&key) else {
-            return 0;
-        };
-        // Verified token by token, never on a hash alone.
-        let lcp = c
-            .tokens
-            .iter()
-            .zip(&s.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let mut table = c.table;
-        self.pool
-            .truncate_table(&mut table, lcp)
-            .expect("own blocks");
-        let old = std::mem::replace(&mut s.table, table);
-        self.pool.free_table(old).expect("own blocks");
-        if !s.admitted {
-            s.usage.cached_hot_tokens = lcp.min(s.tokens.len() - 1);
-            s.hits = c.hits + u64::from(lcp > 0);
+        let (mut table, mut computed, mut hits) = (std::mem::take(&mut s.table), 0, s.hits);
+        if let Some(c) = self.caches.remove(&key) {
+            // Verified token by token, never on a hash alone.
+            let lcp = c
+                .tokens
+                .iter()
+                .zip(&s.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            self.pool
+                .free_table(std::mem::replace(&mut table, c.table))
+                .expect("own blocks");
+            self.pool
+                .truncate_table(&mut table, lcp)
+                .expect("own blocks");
+            computed = lcp;
+            hits = c.hits;
         }
-        lcp
+        let shared = self.pool.match_prefix(&s.tokens, self.salt);
+        if shared.len() * bs > computed {
+            self.pool
+                .free_table(std::mem::take(&mut table))
+                .expect("own blocks");
+            self.pool
+                .attach_shared(&mut table, &shared)
+                .expect("indexed blocks exist");
+            computed = shared.len() * bs;
+        }
+        // At least the last prompt token is computed again (for its logits).
+        computed = computed.min(s.tokens.len() - 1);
+        if !self.pool.make_writable(&mut table, computed / bs) {
+            computed -= computed % bs;
+            self.pool
+                .truncate_table(&mut table, computed)
+                .expect("own blocks");
+        }
+        self.pool
+            .truncate_table(&mut table, computed)
+            .expect("own blocks");
+        s.table = table;
+        s.hashes.clear();
+        for (i, chunk) in s.tokens[..computed].chunks_exact(bs).enumerate() {
+            let parent = i.checked_sub(1).map(|j| s.hashes[j]);
+            s.hashes.push(block_hash(parent, chunk, self.salt));
+        }
+        if !s.admitted {
+            s.usage.cached_hot_tokens = computed;
+            s.hits = hits + u64::from(computed > 0);
+        }
+        computed
     }
 }

@@ -28,6 +28,7 @@ fn start(kv_pool_mb: usize, step_tokens: usize) -> Fixture {
             max_running: 16,
             max_waiting: 64,
         },
+        hash_salt: 42,
     };
     let handle = EngineHandle::spawn(model, tok.clone(), "test".into(), cfg);
     Fixture { handle, tok, tpl }
@@ -122,7 +123,8 @@ fn concurrent_agents_get_exactly_their_solo_outputs() {
     for (i, s) in streams.into_iter().enumerate() {
         let (ids, _, _, usage) = collect(s);
         assert_eq!(ids, solo[i], "agent {i} differs from its solo run");
-        assert_eq!(usage.cached_hot_tokens, 0);
+        // The solo runs left their full blocks in the shared index.
+        assert!(usage.cached_hot_tokens >= 16, "agent {i}: {usage:?}");
     }
     let stats = f.handle.blocking_stats().unwrap();
     assert_eq!(stats.cached_agents, 5);
@@ -149,12 +151,14 @@ fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
         "reused {} of {prompt_len}",
         u2.cached_hot_tokens
     );
-    // The same conversation cold, as another agent: identical greedy output.
+    // The same conversation cold, on a fresh engine: identical greedy output.
+    let g = start(64, 512);
     let (cold, _, _, u3) = collect(
-        f.handle
-            .blocking_submit(f.request(Some("fresh"), &msgs, 16))
+        g.handle
+            .blocking_submit(g.request(Some("fresh"), &msgs, 16))
             .unwrap(),
     );
+    g.handle.shutdown();
     assert_eq!(u3.cached_hot_tokens, 0);
     assert_eq!(warm, cold);
     // An edit in the middle reuses only the part before it.
@@ -166,6 +170,60 @@ fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
             .unwrap(),
     );
     assert!(u4.cached_hot_tokens > 0 && u4.cached_hot_tokens < u2.cached_hot_tokens);
+    f.handle.shutdown();
+}
+
+#[test]
+fn agents_sharing_a_system_prompt_share_its_blocks() {
+    let f = start(256, 512);
+    let system = format!(
+        "You are a careful assistant. {}",
+        "Follow the team rules. ".repeat(60)
+    );
+    let ask = |q: &str| vec![ChatMessage::system(system.clone()), ChatMessage::user(q)];
+    let qa = ask("What is a river?");
+    let qb = ask("What is a mountain?");
+    let alone_b = {
+        let g = start(64, 512);
+        let out = collect(g.handle.blocking_submit(g.request(None, &qb, 12)).unwrap()).0;
+        g.handle.shutdown();
+        out
+    };
+    let free0 = f.handle.blocking_stats().unwrap().free_blocks;
+    let (_, _, _, ua) = collect(
+        f.handle
+            .blocking_submit(f.request(Some("alpha"), &qa, 12))
+            .unwrap(),
+    );
+    let after_a = f.handle.blocking_stats().unwrap().free_blocks;
+    let (ids_b, _, _, ub) = collect(
+        f.handle
+            .blocking_submit(f.request(Some("beta"), &qb, 12))
+            .unwrap(),
+    );
+    let after_b = f.handle.blocking_stats().unwrap().free_blocks;
+    assert_eq!(ids_b, alone_b, "sharing never changes the output");
+    let shared = ub.cached_hot_tokens;
+    assert_eq!(ua.cached_hot_tokens, 0);
+    assert!(
+        shared >= 16 * ((ua.prompt_tokens - 20) / 16),
+        "beta reused {shared} tokens"
+    );
+    // Pool accounting: beta only added the blocks of its own suffix.
+    let used_a = free0 - after_a;
+    let used_b = after_a - after_b;
+    let own_b = (ub.prompt_tokens + 12).div_ceil(16) - shared / 16;
+    assert!(
+        used_b <= own_b + 1,
+        "beta used {used_b} blocks, its suffix needs {own_b}; alpha used {used_a}"
+    );
+    assert!(
+        used_b * 4 < used_a,
+        "one copy of the system prompt: alpha {used_a}, beta {used_b}"
+    );
+    // An anonymous repeat reuses the prefix through the same index.
+    let (_, _, _, uc) = collect(f.handle.blocking_submit(f.request(None, &qa, 4)).unwrap());
+    assert!(uc.cached_hot_tokens >= shared);
     f.handle.shutdown();
 }
 

@@ -15,6 +15,7 @@ use std::ops::Range;
 use half::f16;
 use semantic_core::BlockId;
 
+use crate::prefix::PrefixIndex;
 use crate::{BlockPool, PoolError};
 
 /// Shape of the KV cache of one model.
@@ -55,7 +56,7 @@ impl KvLayout {
 /// panics in debug builds.
 #[derive(Debug, Default)]
 pub struct BlockTable {
-    blocks: Vec<BlockId>,
+    pub(crate) blocks: Vec<BlockId>,
 }
 
 impl BlockTable {
@@ -81,9 +82,10 @@ impl Drop for BlockTable {
 }
 
 pub struct KvPool {
-    layout: KvLayout,
-    blocks: BlockPool,
-    data: Vec<f16>,
+    pub(crate) layout: KvLayout,
+    pub(crate) blocks: BlockPool,
+    pub(crate) data: Vec<f16>,
+    pub(crate) prefix: PrefixIndex,
 }
 
 impl KvPool {
@@ -92,6 +94,7 @@ impl KvPool {
             layout,
             blocks: BlockPool::new(n_blocks),
             data: vec![f16::ZERO; n_blocks * layout.block_elems()],
+            prefix: PrefixIndex::new(n_blocks),
         }
     }
 
@@ -126,6 +129,10 @@ impl KvPool {
         let need = self.layout.blocks_for(n_tokens).saturating_sub(table.len());
         match self.blocks.allocate_many(need) {
             Some(new) => {
+                // A reused free block may still be indexed as a cached prefix.
+                for &b in &new {
+                    self.prefix.forget(b);
+                }
                 table.blocks.extend(new);
                 true
             }
@@ -135,7 +142,11 @@ impl KvPool {
 
     /// Keeps the first `n_tokens` slots of the table; the blocks after them
     /// go back to the pool.
-    pub fn truncate_table(&mut self, table: &mut BlockTable, n_tokens: usize) -> Result<(), PoolError> {
+    pub fn truncate_table(
+        &mut self,
+        table: &mut BlockTable,
+        n_tokens: usize,
+    ) -> Result<(), PoolError> {
         let keep = self.layout.blocks_for(n_tokens).min(table.blocks.len());
         for b in table.blocks.drain(keep..) {
             self.blocks.release(b)?;

@@ -5,6 +5,8 @@
 
 mod block_pool;
 mod kv_pool;
+mod prefix;
 
 pub use block_pool::{BlockPool, PoolError};
 pub use kv_pool::{BlockTable, KvLayout, KvPool};
+pub use prefix::{block_hash, BlockHash};
