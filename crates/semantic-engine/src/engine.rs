@@ -30,6 +30,10 @@ pub struct EngineConfig {
     /// Mixed into every block hash (the model fingerprint), so cached blocks
     /// of one model never match another's.
     pub hash_salt: u64,
+    /// A step that mixes decodes with a prefill chunk aims to take at most
+    /// this many times a decode-only step (bounds inter-token latency while
+    /// another agent prefills); 0 disables the cap.
+    pub mixed_step_factor: f64,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +43,7 @@ impl Default for EngineConfig {
             kv_pool_bytes: 512 << 20,
             scheduler: SchedulerConfig::default(),
             hash_salt: 0,
+            mixed_step_factor: 2.5,
         }
     }
 }
@@ -120,6 +125,45 @@ pub struct Engine {
     next_seq: SeqId,
     stats: EngineStats,
     salt: u64,
+    pace: Pace,
+}
+
+/// Running estimates of step costs, to size prefill chunks next to decodes.
+#[derive(Debug, Default)]
+struct Pace {
+    factor: f64,
+    /// Decode-only step time (ms), EMA.
+    decode_ms: Option<f64>,
+    /// Prefill cost per token (ms), EMA.
+    prefill_ms_per_token: Option<f64>,
+}
+
+impl Pace {
+    fn observe(&mut self, st: &StepStats) {
+        let ms = st.time.as_secs_f64() * 1e3;
+        let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
+        if st.prefill_tokens == 0 && st.decode_tokens > 0 {
+            self.decode_ms = ema(self.decode_ms, ms);
+        } else if st.prefill_tokens >= 16 {
+            let decode = if st.decode_tokens > 0 {
+                self.decode_ms.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let per = ((ms - decode) / st.prefill_tokens as f64).max(1e-3);
+            self.prefill_ms_per_token = ema(self.prefill_ms_per_token, per);
+        }
+    }
+
+    /// Prefill tokens allowed in a step that also decodes.
+    fn prefill_cap(&self) -> usize {
+        match (self.decode_ms, self.prefill_ms_per_token) {
+            (Some(d), Some(p)) if self.factor > 1.0 => {
+                (((self.factor - 1.0) * d / p) as usize).max(16)
+            }
+            _ => usize::MAX,
+        }
+    }
 }
 
 impl Engine {
@@ -136,6 +180,10 @@ impl Engine {
             next_seq: 1,
             stats: EngineStats::default(),
             salt: cfg.hash_salt,
+            pace: Pace {
+                factor: cfg.mixed_step_factor,
+                ..Pace::default()
+            },
         }
     }
 
@@ -284,7 +332,7 @@ impl Engine {
                 stats: &mut self.stats,
                 salt: self.salt,
             };
-            self.sched.schedule(&mut ctx)
+            self.sched.schedule_with(&mut ctx, self.pace.prefill_cap())
         };
         self.stats.preemptions += schedule.preempted.len() as u64;
         if schedule.work.is_empty() {
@@ -328,6 +376,7 @@ impl Engine {
             }
         }
         step.time = started.elapsed();
+        self.pace.observe(&step);
         self.stats.steps += 1;
         self.stats.last_step = step;
         true

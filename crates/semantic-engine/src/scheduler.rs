@@ -158,8 +158,16 @@ impl Scheduler {
         self.seqs.remove(&id)
     }
 
-    /// Plans one step.
+    /// Plans one step with the full token budget.
     pub fn schedule(&mut self, blocks: &mut dyn Blocks) -> StepSchedule {
+        self.schedule_with(blocks, usize::MAX)
+    }
+
+    /// Plans one step; when any sequence decodes in it, prefill chunks get
+    /// at most `prefill_cap` tokens (the engine sizes it so a mixed step
+    /// stays within a few decode steps: inter-token latency stays smooth
+    /// while another agent prefills).
+    pub fn schedule_with(&mut self, blocks: &mut dyn Blocks, prefill_cap: usize) -> StepSchedule {
         let mut out = StepSchedule::default();
         let mut budget = self.cfg.step_tokens;
         // 1. Decodes of running sequences, oldest first.
@@ -184,6 +192,9 @@ impl Scheduler {
             }
         }
         // 2. Prefill chunks of running sequences, then admit waiting ones.
+        if !out.work.is_empty() {
+            budget = budget.min(prefill_cap.max(1));
+        }
         let mid_prefill: Vec<SeqId> = self
             .running
             .iter()

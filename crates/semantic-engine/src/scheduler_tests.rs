@@ -198,3 +198,20 @@ fn a_sequence_that_cannot_fit_alone_preempts_itself_and_waits() {
     assert_eq!((plan.work.len(), plan.preempted.clone()), (0, vec![1]));
     assert!(!s.is_idle());
 }
+
+#[test]
+fn prefill_is_capped_while_others_decode() {
+    let mut s = Scheduler::new(cfg(512, 4));
+    let mut b = FakeBlocks::new(100);
+    s.add(seq(1, None, 3));
+    let plan = s.schedule_with(&mut b, 16);
+    assert_eq!(plan.work, vec![p(1, 3)], "no decode yet: no cap");
+    apply(&mut s, &plan);
+    s.add(seq(2, None, 100));
+    let plan = s.schedule_with(&mut b, 16);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 16)]);
+    apply(&mut s, &plan);
+    s.remove(1);
+    let plan = s.schedule_with(&mut b, 16);
+    assert_eq!(plan.work, vec![p(2, 84)], "alone again: the whole budget");
+}

@@ -29,6 +29,7 @@ fn start(kv_pool_mb: usize, step_tokens: usize) -> Fixture {
             max_waiting: 64,
         },
         hash_salt: 42,
+        mixed_step_factor: 2.5,
     };
     let handle = EngineHandle::spawn(model, tok.clone(), "test".into(), cfg);
     Fixture { handle, tok, tpl }
