@@ -11,9 +11,17 @@ use semantic_model::LlamaModel;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to measure (only `engine` so far).
+    /// What to measure: `engine` (model-level kernels, in process) or
+    /// `batching` (aggregate throughput of 1, 3, 5, 8 agents over HTTP).
     #[arg(default_value = "engine")]
     what: String,
+    /// Measure this OpenAI-compatible server instead of starting our own.
+    #[arg(long)]
+    target: Option<String>,
+    /// Also run the HTTP benchmarks against llama.cpp's llama-server (built
+    /// by ../shared/peers/llama-server.sh), with -np N for N agents.
+    #[arg(long)]
+    compare_llama: bool,
     #[arg(long, env = "SEMANTIC_BENCHMARK_MODEL")]
     model: Option<PathBuf>,
     /// Fewer and shorter runs.
@@ -26,13 +34,21 @@ pub struct BenchArgs {
 }
 
 pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
-    if a.what != "engine" {
-        return Err(crate::UsageError(format!(
-            "unknown benchmark `{}` (available: engine)",
-            a.what
-        ))
-        .into());
+    match a.what.as_str() {
+        "engine" => run_engine(home, a),
+        "batching" => crate::bench_http::batching(
+            home,
+            &a.target,
+            a.model.as_deref(),
+            a.quick,
+            a.compare_llama,
+            a.llama_bench.as_deref(),
+        ),
+        other => Err(crate::UsageError(format!("unknown benchmark `{other}` (available: engine, batching)")).into()),
     }
+}
+
+fn run_engine(home: &Path, a: BenchArgs) -> Result<()> {
     let rss0 = rss_mib();
     let t = Instant::now();
     let m = crate::generate::load_model(home, a.model.as_deref())?;
@@ -182,7 +198,7 @@ fn rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn default_llama_bench() -> Option<PathBuf> {
+pub(crate) fn default_llama_bench() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
     let p =
         PathBuf::from(home).join(".cache/semantic-peers/llama.cpp-0.3.36/build/bin/llama-bench");
