@@ -1,6 +1,7 @@
 //! `semantic`: the command line. Parses arguments and calls into the crates.
 
 mod bench;
+mod bench_http;
 mod generate;
 mod pull;
 
