@@ -25,9 +25,9 @@ pub struct BatchRun {
 /// About `n` tokens of plain English words, distinct per `seed`.
 pub fn filler(n: usize, seed: u64) -> String {
     const WORDS: [&str; 24] = [
-        "river", "stone", "garden", "window", "paper", "light", "table", "music", "forest",
-        "engine", "silver", "market", "winter", "orange", "planet", "bridge", "letter", "mirror",
-        "castle", "animal", "circle", "doctor", "island", "pocket",
+        "river", "stone", "garden", "window", "paper", "light", "table", "music", "forest", "engine", "silver",
+        "market", "winter", "orange", "planet", "bridge", "letter", "mirror", "castle", "animal", "circle", "doctor",
+        "island", "pocket",
     ];
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = format!("Note {seed}:");
@@ -63,25 +63,14 @@ pub fn run_batch(
                 s.spawn(move || client.chat(&call))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("agent thread"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("agent thread")).collect()
     });
     let wall = start.elapsed();
     let timings: Vec<ChatTiming> = results.into_iter().collect::<Result<_, _>>()?;
-    let generated: usize = timings
-        .iter()
-        .map(|t| t.completion_tokens.max(t.gaps.len() + 1))
-        .sum();
-    let per_agent: Vec<f64> = timings
-        .iter()
-        .map(|t| t.completion_tokens.max(t.gaps.len() + 1) as f64 / t.total.as_secs_f64())
-        .collect();
-    let gaps: Vec<Duration> = timings
-        .iter()
-        .flat_map(|t| t.gaps.iter().copied())
-        .collect();
+    let generated: usize = timings.iter().map(|t| t.completion_tokens.max(t.gaps.len() + 1)).sum();
+    let per_agent: Vec<f64> =
+        timings.iter().map(|t| t.completion_tokens.max(t.gaps.len() + 1) as f64 / t.total.as_secs_f64()).collect();
+    let gaps: Vec<Duration> = timings.iter().flat_map(|t| t.gaps.iter().copied()).collect();
     Ok(BatchRun {
         agents,
         prompt_tokens: timings.iter().map(|t| t.prompt_tokens).max().unwrap_or(0),
@@ -128,14 +117,9 @@ pub fn itl_under_prefill(
 }
 
 fn median_d(v: Vec<Duration>) -> Duration {
-    Duration::from_secs_f64(median(
-        &v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-    ))
+    Duration::from_secs_f64(median(&v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>()))
 }
 
 fn percentile_d(v: Vec<Duration>, p: f64) -> Duration {
-    Duration::from_secs_f64(percentile(
-        &v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-        p,
-    ))
+    Duration::from_secs_f64(percentile(&v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(), p))
 }

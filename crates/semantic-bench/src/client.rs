@@ -46,13 +46,8 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(900))
-            .build();
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            agent,
-        }
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(900)).build();
+        Self { base: base.trim_end_matches('/').to_owned(), agent }
     }
 
     pub fn base(&self) -> &str {
@@ -61,14 +56,9 @@ impl Client {
 
     pub fn get_json(&self, path: &str) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
-        let resp = self.agent.get(&url).call().map_err(|e| ClientError::Http {
-            url: url.clone(),
-            msg: e.to_string(),
-        })?;
-        resp.into_json().map_err(|e| ClientError::Protocol {
-            url,
-            msg: e.to_string(),
-        })
+        let resp =
+            self.agent.get(&url).call().map_err(|e| ClientError::Http { url: url.clone(), msg: e.to_string() })?;
+        resp.into_json().map_err(|e| ClientError::Protocol { url, msg: e.to_string() })
     }
 
     /// Streams one chat completion and times it.
@@ -87,38 +77,25 @@ impl Client {
             "ignore_eos": call.ignore_eos,
             "cache_prompt": true,
         });
-        let mut req = self
-            .agent
-            .post(&url)
-            .set("Content-Type", "application/json");
+        let mut req = self.agent.post(&url).set("Content-Type", "application/json");
         if let Some(s) = &call.session {
             req = req.set("X-Session-ID", s);
         }
         let start = Instant::now();
-        let resp = req.send_json(body).map_err(|e| ClientError::Http {
-            url: url.clone(),
-            msg: e.to_string(),
-        })?;
+        let resp = req.send_json(body).map_err(|e| ClientError::Http { url: url.clone(), msg: e.to_string() })?;
         let mut t = ChatTiming::default();
         let mut last: Option<Instant> = None;
         for line in BufReader::new(resp.into_reader()).lines() {
-            let line = line.map_err(|e| ClientError::Protocol {
-                url: url.clone(),
-                msg: e.to_string(),
-            })?;
+            let line = line.map_err(|e| ClientError::Protocol { url: url.clone(), msg: e.to_string() })?;
             let Some(data) = line.strip_prefix("data: ") else {
                 continue;
             };
             if data.trim() == "[DONE]" {
                 break;
             }
-            let v: Value = serde_json::from_str(data).map_err(|e| ClientError::Protocol {
-                url: url.clone(),
-                msg: e.to_string(),
-            })?;
-            let has_content = v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty());
+            let v: Value = serde_json::from_str(data)
+                .map_err(|e| ClientError::Protocol { url: url.clone(), msg: e.to_string() })?;
+            let has_content = v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty());
             if has_content {
                 let now = Instant::now();
                 match last {
@@ -130,9 +107,7 @@ impl Client {
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 t.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
                 t.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-                t.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
-                    .as_u64()
-                    .unwrap_or(0) as usize;
+                t.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize;
             }
         }
         t.total = start.elapsed();

@@ -21,19 +21,10 @@ pub fn free_port() -> std::io::Result<u16> {
 impl ServerProcess {
     /// Spawns `cmd` (which must listen on `port`) and waits until
     /// `ready_path` answers 200.
-    pub fn start(
-        mut cmd: Command,
-        port: u16,
-        ready_path: &str,
-        timeout: Duration,
-    ) -> std::io::Result<Self> {
+    pub fn start(mut cmd: Command, port: u16, ready_path: &str, timeout: Duration) -> std::io::Result<Self> {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let url = format!("http://127.0.0.1:{port}");
-        let mut me = Self {
-            pid: child.id(),
-            child,
-            url,
-        };
+        let mut me = Self { pid: child.id(), child, url };
         let client = Client::new(&me.url);
         let deadline = Instant::now() + timeout;
         loop {
@@ -41,9 +32,7 @@ impl ServerProcess {
                 return Ok(me);
             }
             if let Ok(Some(status)) = me.child.try_wait() {
-                return Err(std::io::Error::other(format!(
-                    "server exited early: {status}"
-                )));
+                return Err(std::io::Error::other(format!("server exited early: {status}")));
             }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other("server did not become ready"));
@@ -55,13 +44,7 @@ impl ServerProcess {
     /// Resident memory of the server process (MiB), from /proc.
     pub fn rss_mib(&self) -> Option<f64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let kb: f64 = s
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
+        let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb / 1024.0)
     }
 }

@@ -18,10 +18,7 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// (min, max) of the samples.
 pub fn spread(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
-        })
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)))
 }
 
 #[cfg(test)]

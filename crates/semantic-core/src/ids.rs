@@ -44,10 +44,7 @@ impl AgentId {
         if id.is_empty() || id.len() > Self::MAX_LEN {
             return Err(AgentIdError::Length(id.chars().count()));
         }
-        if let Some(c) = id
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-        {
+        if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
             return Err(AgentIdError::Character(c));
         }
         if id.contains("..") {
@@ -77,10 +74,7 @@ mod tests {
             assert_eq!(AgentId::new(ok).unwrap().as_str(), ok);
         }
         assert_eq!(AgentId::new(""), Err(AgentIdError::Length(0)));
-        assert_eq!(
-            AgentId::new(&"x".repeat(129)),
-            Err(AgentIdError::Length(129))
-        );
+        assert_eq!(AgentId::new(&"x".repeat(129)), Err(AgentIdError::Length(129)));
         assert_eq!(AgentId::new("a/b"), Err(AgentIdError::Character('/')));
         assert_eq!(AgentId::new("a b"), Err(AgentIdError::Character(' ')));
         assert_eq!(AgentId::new("é"), Err(AgentIdError::Character('é')));

@@ -70,9 +70,7 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return Err(SamplingError::MaxTokens(0));
         }
-        if self.stop.len() > Self::MAX_STOP
-            || self.stop.iter().any(|s| s.is_empty() || s.len() > 256)
-        {
+        if self.stop.len() > Self::MAX_STOP || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err(SamplingError::Stop);
         }
         Ok(())

@@ -53,12 +53,7 @@ impl BlockPool {
                 next: if i + 1 == n { NIL } else { i + 1 },
             })
             .collect();
-        Self {
-            meta,
-            head: if n == 0 { NIL } else { 0 },
-            tail: if n == 0 { NIL } else { n - 1 },
-            n_free: n_blocks,
-        }
+        Self { meta, head: if n == 0 { NIL } else { 0 }, tail: if n == 0 { NIL } else { n - 1 }, n_free: n_blocks }
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -98,10 +93,7 @@ impl BlockPool {
 
     /// Adds a reference. A free block (refcount 0) leaves the free queue.
     pub fn retain(&mut self, id: BlockId) -> Result<(), PoolError> {
-        let m = self
-            .meta
-            .get(id.index())
-            .ok_or(PoolError::OutOfRange(id.0))?;
+        let m = self.meta.get(id.index()).ok_or(PoolError::OutOfRange(id.0))?;
         if m.refcount == 0 {
             self.unlink(id.0);
         }
@@ -111,10 +103,7 @@ impl BlockPool {
 
     /// Drops a reference; at 0 the block goes to the tail of the free queue.
     pub fn release(&mut self, id: BlockId) -> Result<(), PoolError> {
-        let m = self
-            .meta
-            .get_mut(id.index())
-            .ok_or(PoolError::OutOfRange(id.0))?;
+        let m = self.meta.get_mut(id.index()).ok_or(PoolError::OutOfRange(id.0))?;
         if m.refcount == 0 {
             return Err(PoolError::DoubleFree(id.0));
         }

@@ -140,13 +140,19 @@ impl KvPool {
         }
     }
 
+    /// A second table over the same blocks, holding one more reference to
+    /// each (a reader that must see them unchanged: writers copy-on-write
+    /// while it lives). Free it with [`KvPool::free_table`].
+    pub fn share_table(&mut self, table: &BlockTable) -> BlockTable {
+        for &b in &table.blocks {
+            self.blocks.retain(b).expect("blocks of a live table");
+        }
+        BlockTable { blocks: table.blocks.clone() }
+    }
+
     /// Keeps the first `n_tokens` slots of the table; the blocks after them
     /// go back to the pool.
-    pub fn truncate_table(
-        &mut self,
-        table: &mut BlockTable,
-        n_tokens: usize,
-    ) -> Result<(), PoolError> {
+    pub fn truncate_table(&mut self, table: &mut BlockTable, n_tokens: usize) -> Result<(), PoolError> {
         let keep = self.layout.blocks_for(n_tokens).min(table.blocks.len());
         for b in table.blocks.drain(keep..) {
             self.blocks.release(b)?;
@@ -241,14 +247,7 @@ impl KvPool {
 
     /// Stores K and V (`n_kv_heads * head_dim` f32 each) of the token at
     /// position `pos` of a sequence with block table `table`.
-    pub fn write_token(
-        &mut self,
-        table: &[BlockId],
-        layer: usize,
-        pos: usize,
-        k: &[f32],
-        v: &[f32],
-    ) {
+    pub fn write_token(&mut self, table: &[BlockId], layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let l = self.layout;
         let block = table[pos / l.block_size];
         let slot = pos % l.block_size;
@@ -270,12 +269,7 @@ mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout {
-            n_layers: 2,
-            n_kv_heads: 3,
-            head_dim: 4,
-            block_size: 2,
-        }
+        KvLayout { n_layers: 2, n_kv_heads: 3, head_dim: 4, block_size: 2 }
     }
 
     #[test]
@@ -283,12 +277,7 @@ mod tests {
         let l = layout();
         assert_eq!(l.block_elems(), 2 * 2 * 3 * 2 * 4);
         assert_eq!(l.bytes_per_token() * l.block_size, l.block_bytes());
-        let smol = KvLayout {
-            n_layers: 30,
-            n_kv_heads: 3,
-            head_dim: 64,
-            block_size: 16,
-        };
+        let smol = KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size: 16 };
         assert_eq!(smol.bytes_per_token(), 23_040);
     }
 
@@ -298,10 +287,7 @@ mod tests {
         let mut t = BlockTable::default();
         assert!(pool.ensure_capacity(&mut t, 3));
         assert_eq!(t.len(), 2);
-        assert!(
-            !pool.ensure_capacity(&mut t, 7),
-            "needs 2 more, only 1 free"
-        );
+        assert!(!pool.ensure_capacity(&mut t, 7), "needs 2 more, only 1 free");
         assert_eq!(t.len(), 2);
         assert_eq!(pool.bytes_in_use(), 2 * layout().block_bytes());
         pool.free_table(t).unwrap();
@@ -312,9 +298,7 @@ mod tests {
         let l = *pool.layout();
         let mut state = seed;
         let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
         let width = l.n_kv_heads * l.head_dim;
@@ -355,10 +339,7 @@ mod tests {
     #[test]
     fn export_then_import_across_block_sizes_is_bit_exact() {
         let a_layout = layout();
-        let b_layout = KvLayout {
-            block_size: 5,
-            ..a_layout
-        };
+        let b_layout = KvLayout { block_size: 5, ..a_layout };
         let n = 11;
         let mut a = KvPool::new(a_layout, 8);
         let mut ta = BlockTable::default();

@@ -42,10 +42,7 @@ pub(crate) struct PrefixIndex {
 
 impl PrefixIndex {
     pub(crate) fn new(n_blocks: usize) -> Self {
-        Self {
-            by_hash: HashMap::new(),
-            of_block: vec![None; n_blocks],
-        }
+        Self { by_hash: HashMap::new(), of_block: vec![None; n_blocks] }
     }
 
     /// Drops the block's entry (it is about to hold other content).
@@ -63,8 +60,7 @@ impl KvPool {
     /// block already holds the same content, the index keeps that one.
     pub fn register_block(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32]) {
         debug_assert_eq!(tokens.len(), self.layout.block_size);
-        if self.prefix.by_hash.contains_key(&hash) || self.prefix.of_block[block.index()].is_some()
-        {
+        if self.prefix.by_hash.contains_key(&hash) || self.prefix.of_block[block.index()].is_some() {
             return;
         }
         self.prefix.by_hash.insert(hash, block);
@@ -92,11 +88,7 @@ impl KvPool {
     }
 
     /// Appends shared blocks to an empty table (one reference each).
-    pub fn attach_shared(
-        &mut self,
-        table: &mut BlockTable,
-        blocks: &[BlockId],
-    ) -> Result<(), PoolError> {
+    pub fn attach_shared(&mut self, table: &mut BlockTable, blocks: &[BlockId]) -> Result<(), PoolError> {
         debug_assert!(table.blocks.is_empty());
         for &b in blocks {
             self.blocks.retain(b)?;
@@ -121,11 +113,8 @@ impl KvPool {
         };
         self.prefix.forget(new);
         let n = self.layout.block_elems();
-        self.data
-            .copy_within(old.index() * n..(old.index() + 1) * n, new.index() * n);
-        self.blocks
-            .release(old)
-            .expect("shared block has references");
+        self.data.copy_within(old.index() * n..(old.index() + 1) * n, new.index() * n);
+        self.blocks.release(old).expect("shared block has references");
         table.blocks[i] = new;
         true
     }
@@ -142,15 +131,7 @@ mod tests {
     use crate::KvLayout;
 
     fn pool(n: usize) -> KvPool {
-        KvPool::new(
-            KvLayout {
-                n_layers: 1,
-                n_kv_heads: 1,
-                head_dim: 2,
-                block_size: 4,
-            },
-            n,
-        )
+        KvPool::new(KvLayout { n_layers: 1, n_kv_heads: 1, head_dim: 2, block_size: 4 }, n)
     }
 
     /// A table for `tokens` with every full block registered, as the engine
@@ -171,25 +152,13 @@ mod tests {
     fn prefixes_match_by_chained_hash_and_tokens() {
         let mut p = pool(8);
         let a = computed(&mut p, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        assert_eq!(
-            p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0], 7),
-            a.blocks()[..2].to_vec()
-        );
-        assert_eq!(
-            p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 0], 7),
-            a.blocks()[..1].to_vec()
-        );
-        assert!(
-            p.match_prefix(&[0, 2, 3, 4, 5, 6, 7, 8], 7).is_empty(),
-            "the chain breaks at block 0"
-        );
+        assert_eq!(p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0], 7), a.blocks()[..2].to_vec());
+        assert_eq!(p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 0], 7), a.blocks()[..1].to_vec());
+        assert!(p.match_prefix(&[0, 2, 3, 4, 5, 6, 7, 8], 7).is_empty(), "the chain breaks at block 0");
         assert!(p.match_prefix(&[1, 2, 3, 4], 8).is_empty(), "another model");
         // Same second block content after a different first block: no match.
         let b = computed(&mut p, &[9, 9, 9, 9, 5, 6, 7, 8]);
-        assert_eq!(
-            p.match_prefix(&[9, 9, 9, 9, 5, 6, 7, 8], 7),
-            b.blocks().to_vec()
-        );
+        assert_eq!(p.match_prefix(&[9, 9, 9, 9, 5, 6, 7, 8], 7), b.blocks().to_vec());
         p.free_table(a).unwrap();
         p.free_table(b).unwrap();
     }
@@ -214,10 +183,7 @@ mod tests {
         assert_eq!(p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 7), a_blocks);
         // Allocating a free block for other content drops it from the index.
         let mut c = BlockTable::default();
-        assert!(
-            p.ensure_capacity(&mut c, 16),
-            "takes 3, 4, 5 and then block 1"
-        );
+        assert!(p.ensure_capacity(&mut c, 16), "takes 3, 4, 5 and then block 1");
         assert!(p.match_prefix(&[1, 2, 3, 4, 5, 6, 7, 8], 7).len() < 2);
         p.free_table(b).unwrap();
         p.free_table(c).unwrap();

@@ -40,11 +40,7 @@ fn main() {
         model.forward(&StepPlan { seqs }, &mut pool).unwrap();
     }
     let dt = t0.elapsed().as_secs_f64();
-    println!(
-        "B={b} ctx={ctx}: {:.2} ms/step, {:.1} tok/s aggregate",
-        dt * 1e3 / steps as f64,
-        (b * steps) as f64 / dt
-    );
+    println!("B={b} ctx={ctx}: {:.2} ms/step, {:.1} tok/s aggregate", dt * 1e3 / steps as f64, (b * steps) as f64 / dt);
     for t in tables {
         pool.free_table(t).unwrap();
     }

@@ -29,14 +29,8 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Tokens that end a turn; one the template mentions is a stop token.
-const END_OF_TURN_TOKENS: [&str; 6] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-];
+const END_OF_TURN_TOKENS: [&str; 6] =
+    ["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
 
 /// One message of a conversation, as chat templates see it. Absent optional fields are
 /// left out (so `message.tool_calls is defined` is false), as in HF.
@@ -54,11 +48,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-            ..ChatMessage::default()
-        }
+        ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
     }
 
     pub fn system(content: impl Into<String>) -> ChatMessage {
@@ -84,9 +74,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("source", &self.source)
-            .finish()
+        f.debug_struct("ChatTemplate").field("source", &self.source).finish()
     }
 }
 
@@ -96,10 +84,9 @@ impl ChatTemplate {
     pub fn from_gguf(content: &Content, tokenizer: &Tokenizer) -> Result<ChatTemplate> {
         let key = "tokenizer.chat_template";
         let source = match content.metadata.get(key) {
-            Some(v) => v.to_string().map_err(|e| ModelError::Metadata {
-                key: key.to_string(),
-                reason: e.to_string(),
-            })?,
+            Some(v) => {
+                v.to_string().map_err(|e| ModelError::Metadata { key: key.to_string(), reason: e.to_string() })?
+            }
             None => CHATML_TEMPLATE,
         };
         let bos = tokenizer.bos_token().unwrap_or_default();
@@ -117,8 +104,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_global("bos_token", bos_token);
         env.add_global("eos_token", eos_token);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(template_error)?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(template_error)?;
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
@@ -135,10 +121,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -160,9 +143,7 @@ impl ChatTemplate {
         let mut ids = vec![tokenizer.eos_id()];
         for text in END_OF_TURN_TOKENS {
             let mentioned = self.source.contains(text) || text == "<|endoftext|>";
-            let id = tokenizer
-                .token_id(text)
-                .filter(|&id| tokenizer.is_special(id));
+            let id = tokenizer.token_id(text).filter(|&id| tokenizer.is_special(id));
             if let Some(id) = id.filter(|id| mentioned && !ids.contains(id)) {
                 ids.push(id);
             }
@@ -186,34 +167,22 @@ fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
 }
 
 fn strftime_now(format: String) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format_utc(&format, secs as i64)
 }
 
 /// JSON as Python's `json.dumps(value, ensure_ascii=False, indent=..., separators=...)`.
-fn tojson(
-    value: &Value,
-    indent: Option<Value>,
-    kwargs: Kwargs,
-) -> std::result::Result<String, Error> {
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<String, Error> {
     let indent = match indent {
         Some(v) => Some(v),
         None => kwargs.get::<Option<Value>>("indent")?,
     };
-    let indent = indent
-        .filter(|v| !v.is_none())
-        .map(usize::try_from)
-        .transpose()?;
+    let indent = indent.filter(|v| !v.is_none()).map(usize::try_from).transpose()?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "separators: 2 strings",
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, "separators: 2 strings"));
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -227,9 +196,9 @@ fn tojson(
     };
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
-    value.serialize(&mut ser).map_err(|e| {
-        Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e)
-    })?;
+    value
+        .serialize(&mut ser)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e))?;
     String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
 }
 
@@ -253,21 +222,13 @@ impl PyJsonFormatter {
         Ok(())
     }
 
-    fn open<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        bracket: &[u8],
-    ) -> std::io::Result<()> {
+    fn open<W: ?Sized + std::io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
         self.depth += 1;
         self.has_value = false;
         w.write_all(bracket)
     }
 
-    fn close<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        bracket: &[u8],
-    ) -> std::io::Result<()> {
+    fn close<W: ?Sized + std::io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
         self.depth -= 1;
         if self.has_value {
             self.newline(w)?;
@@ -290,11 +251,7 @@ impl serde_json::ser::Formatter for PyJsonFormatter {
     fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         self.close(w, b"]")
     }
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         self.item(w, first)
     }
     fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
@@ -307,11 +264,7 @@ impl serde_json::ser::Formatter for PyJsonFormatter {
     fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         self.close(w, b"}")
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         self.item(w, first)
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -337,15 +290,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 
 /// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(days: i64) -> (i64, usize, u32) {
@@ -432,31 +377,20 @@ mod tests {
         let t = 1_722_000_309;
         assert_eq!(format_utc("%Y-%m-%d %H:%M:%S", t), "2024-07-26 13:25:09");
         assert_eq!(format_utc("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(
-            format_utc("%A %B %-d, %y %I%p %j %%", t),
-            "Friday July 26, 24 01PM 208 %"
-        );
+        assert_eq!(format_utc("%A %B %-d, %y %I%p %j %%", t), "Friday July 26, 24 01PM 208 %");
         assert_eq!(format_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         assert_eq!(format_utc("%Y-%m-%d %j", 951_782_400), "2000-02-29 060");
     }
 
     #[test]
     fn tojson_writes_like_python() {
-        let t = ChatTemplate::new(
-            "{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ s | tojson }}",
-            "",
-            "",
-        )
-        .unwrap();
+        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ s | tojson }}", "", "").unwrap();
         let env = &t.env;
         let out = env
             .get_template(TEMPLATE_NAME)
             .unwrap()
             .render(context! { x => serde_json::json!({"a": [1, 2], "b": {}}), s => "<é>" })
             .unwrap();
-        assert_eq!(
-            out,
-            "{\"a\": [1, 2], \"b\": {}}|{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": {}\n}|\"<é>\""
-        );
+        assert_eq!(out, "{\"a\": [1, 2], \"b\": {}}|{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": {}\n}|\"<é>\"");
     }
 }

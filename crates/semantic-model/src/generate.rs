@@ -55,18 +55,8 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(tok: &Tokenizer, stops: &[String]) -> Self {
-        let hold = stops
-            .iter()
-            .map(|s| s.len().saturating_sub(1))
-            .max()
-            .unwrap_or(0);
-        Self {
-            dec: tok.stream_decoder(true),
-            stops: stops.to_vec(),
-            hold,
-            text: String::new(),
-            emitted: 0,
-        }
+        let hold = stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        Self { dec: tok.stream_decoder(true), stops: stops.to_vec(), hold, text: String::new(), emitted: 0 }
     }
 
     /// Adds a token; returns the text that is now safe to emit and whether a
@@ -116,22 +106,10 @@ pub fn generate(
 ) -> Result<Generation> {
     let ctx = model.config().context_length;
     if prompt.is_empty() || prompt.len() >= ctx {
-        return Err(ModelError::Plan(format!(
-            "prompt of {} tokens does not fit the context of {ctx}",
-            prompt.len()
-        )));
+        return Err(ModelError::Plan(format!("prompt of {} tokens does not fit the context of {ctx}", prompt.len())));
     }
     let mut table = BlockTable::default();
-    let res = run(
-        model,
-        tok,
-        pool,
-        &mut table,
-        prompt,
-        params,
-        stop_ids,
-        &mut on_text,
-    );
+    let res = run(model, tok, pool, &mut table, prompt, params, stop_ids, &mut on_text);
     let freed = pool.free_table(table);
     let g = res?;
     freed.map_err(|e| ModelError::Plan(e.to_string()))?;
@@ -152,9 +130,7 @@ fn run(
     let ctx = model.config().context_length;
     let max_new = params.max_tokens.min(ctx - prompt.len());
     if !pool.ensure_capacity(table, prompt.len() + max_new) {
-        return Err(ModelError::Plan(
-            "KV pool too small for prompt + max_tokens".into(),
-        ));
+        return Err(ModelError::Plan("KV pool too small for prompt + max_tokens".into()));
     }
     let mut sampler = Sampler::new(params.clone());
     let mut history = prompt.to_vec();
@@ -162,16 +138,8 @@ fn run(
     let mut logits = Vec::new();
     for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         let last = (i + 1) * PREFILL_CHUNK >= prompt.len();
-        let plan = step(
-            chunk.to_vec(),
-            i * PREFILL_CHUNK,
-            table,
-            if last {
-                LogitsWanted::Last
-            } else {
-                LogitsWanted::None
-            },
-        );
+        let plan =
+            step(chunk.to_vec(), i * PREFILL_CHUNK, table, if last { LogitsWanted::Last } else { LogitsWanted::None });
         logits = model.forward(&plan, pool)?;
     }
     let prefill_time = t0.elapsed();
@@ -196,11 +164,7 @@ fn run(
             break;
         }
         if out.len() >= max_new {
-            finish = if max_new < params.max_tokens {
-                FinishReason::ContextFull
-            } else {
-                FinishReason::Length
-            };
+            finish = if max_new < params.max_tokens { FinishReason::ContextFull } else { FinishReason::Length };
             break;
         }
         let pos = prompt.len() + out.len() - 1;
@@ -223,12 +187,5 @@ fn run(
 }
 
 fn step(tokens: Vec<u32>, start_pos: usize, table: &BlockTable, logits: LogitsWanted) -> StepPlan {
-    StepPlan {
-        seqs: vec![SeqStep {
-            tokens,
-            start_pos,
-            block_table: table.blocks().to_vec(),
-            logits,
-        }],
-    }
+    StepPlan { seqs: vec![SeqStep { tokens, start_pos, block_table: table.blocks().to_vec(), logits }] }
 }

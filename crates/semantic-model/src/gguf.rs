@@ -23,34 +23,21 @@ impl GgufFile {
     /// Opens and parses the header. A missing file, a file without the GGUF
     /// magic or a malformed header is an error that names the path.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |err| ModelError::Io {
-            path: path.to_owned(),
-            err,
-        };
+        let io = |err| ModelError::Io { path: path.to_owned(), err };
         let mut file = File::open(path).map_err(io)?;
         let mut magic = [0u8; 4];
         let n = file.read(&mut magic).map_err(io)?;
         if n < 4 || &magic != b"GGUF" {
-            return Err(ModelError::NotGguf {
-                path: path.to_owned(),
-                reason: "missing GGUF magic".into(),
-            });
+            return Err(ModelError::NotGguf { path: path.to_owned(), reason: "missing GGUF magic".into() });
         }
         file.rewind().map_err(io)?;
-        let content =
-            Content::read(&mut BufReader::new(&file)).map_err(|e| ModelError::NotGguf {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let content = Content::read(&mut BufReader::new(&file))
+            .map_err(|e| ModelError::NotGguf { path: path.to_owned(), reason: e.to_string() })?;
         // SAFETY: the file is opened read-only; we never write through the map.
         // A concurrent truncation by another process is outside our control,
         // as with every mmap-based loader (llama.cpp, candle).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Ok(Self {
-            path: path.to_owned(),
-            content,
-            map,
-        })
+        Ok(Self { path: path.to_owned(), content, map })
     }
 
     pub fn path(&self) -> &Path {
@@ -75,9 +62,7 @@ impl GgufFile {
 
     pub fn meta_f32(&self, key: &str) -> Result<f32> {
         let v = self.meta(key).ok_or_else(|| missing(key))?;
-        v.to_f32()
-            .or_else(|_| v.to_f64().map(|x| x as f32))
-            .map_err(|e| bad(key, e))
+        v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)).map_err(|e| bad(key, e))
     }
 
     pub fn meta_str(&self, key: &str) -> Result<&str> {
@@ -89,10 +74,7 @@ impl GgufFile {
         self.content
             .tensor_infos
             .get(name)
-            .ok_or_else(|| ModelError::Tensor {
-                name: name.into(),
-                reason: "missing from the GGUF file".into(),
-            })
+            .ok_or_else(|| ModelError::Tensor { name: name.into(), reason: "missing from the GGUF file".into() })
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
@@ -106,15 +88,10 @@ impl GgufFile {
         let dt = info.ggml_dtype;
         let len = n / dt.block_size() * dt.type_size();
         let start = (self.content.tensor_data_offset + info.offset) as usize;
-        self.map
-            .get(start..start + len)
-            .ok_or_else(|| ModelError::Tensor {
-                name: name.into(),
-                reason: format!(
-                    "data {start}..{} lies past the end of the file",
-                    start + len
-                ),
-            })
+        self.map.get(start..start + len).ok_or_else(|| ModelError::Tensor {
+            name: name.into(),
+            reason: format!("data {start}..{} lies past the end of the file", start + len),
+        })
     }
 
     /// A tensor loaded by candle (formats without a native kernel).
@@ -122,10 +99,7 @@ impl GgufFile {
         let mut reader = std::io::Cursor::new(&self.map[..]);
         self.content
             .tensor(&mut reader, name, &candle_core::Device::Cpu)
-            .map_err(|e| ModelError::Tensor {
-                name: name.into(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| ModelError::Tensor { name: name.into(), reason: e.to_string() })
     }
 
     /// An F32 (or F16, dequantized) vector such as a norm weight.
@@ -133,32 +107,20 @@ impl GgufFile {
         let info = self.tensor_info(name)?;
         if info.ggml_dtype == GgmlDType::F32 {
             let bytes = self.tensor_bytes(name)?;
-            return Ok(bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect());
+            return Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         }
         let t = self.qtensor(name)?.dequantize(&candle_core::Device::Cpu);
         t.and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .map_err(|e| ModelError::Tensor {
-                name: name.into(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| ModelError::Tensor { name: name.into(), reason: e.to_string() })
     }
 }
 
 fn missing(key: &str) -> ModelError {
-    ModelError::Metadata {
-        key: key.into(),
-        reason: "missing".into(),
-    }
+    ModelError::Metadata { key: key.into(), reason: "missing".into() }
 }
 
 fn bad(key: &str, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Metadata {
-        key: key.into(),
-        reason: e.to_string(),
-    }
+    ModelError::Metadata { key: key.into(), reason: e.to_string() }
 }
 
 /// Model hyper-parameters from `{arch}.*` metadata.
@@ -214,9 +176,7 @@ impl ModelConfig {
             n_rot: u("rope.dimension_count").unwrap_or(head_dim),
             rope_base: g.meta_f32(&k("rope.freq_base")).unwrap_or(10_000.0),
             rope_neox: arch == "qwen2",
-            rms_eps: g
-                .meta_f32(&k("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rms_eps: g.meta_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             context_length: u("context_length").unwrap_or(4096),
             vocab_size,
             arch,

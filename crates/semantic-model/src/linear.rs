@@ -30,10 +30,7 @@ pub(crate) fn native_type(dt: GgmlDType) -> Option<QType> {
 }
 
 fn tensor_err(name: &str, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Tensor {
-        name: name.into(),
-        reason: e.to_string(),
-    }
+    ModelError::Tensor { name: name.into(), reason: e.to_string() }
 }
 
 /// Loads a weight `[rows, cols]` as a native matrix when its format allows.
@@ -48,9 +45,7 @@ pub(crate) fn load_qmatrix(g: &GgufFile, name: &str) -> Result<Option<QMatrix>> 
         _ => return Err(tensor_err(name, format!("expected 2 dims, got {dims:?}"))),
     };
     let bytes = g.tensor_bytes(name)?.to_vec();
-    QMatrix::new(ty, rows, cols, bytes)
-        .map(Some)
-        .map_err(|e| tensor_err(name, e))
+    QMatrix::new(ty, rows, cols, bytes).map(Some).map_err(|e| tensor_err(name, e))
 }
 
 impl Linear {
@@ -67,20 +62,14 @@ impl Linear {
     /// Several weights that read the same input (Q, K, V; gate, up), fused
     /// into one matrix when they share a native format.
     pub fn load_fused(g: &GgufFile, names: &[&str]) -> Result<Self> {
-        let natives: Vec<Option<QMatrix>> = names
-            .iter()
-            .map(|n| load_qmatrix(g, n))
-            .collect::<Result<_>>()?;
+        let natives: Vec<Option<QMatrix>> = names.iter().map(|n| load_qmatrix(g, n)).collect::<Result<_>>()?;
         if natives.iter().all(Option::is_some) {
             let parts: Vec<QMatrix> = natives.into_iter().flatten().collect();
             if let Some(m) = QMatrix::concat(&parts) {
                 return Ok(Linear::Quant(Arc::new(m)));
             }
         }
-        let parts = names
-            .iter()
-            .map(|n| Linear::load(g, n))
-            .collect::<Result<_>>()?;
+        let parts = names.iter().map(|n| Linear::load(g, n)).collect::<Result<_>>()?;
         Ok(Linear::Stack(parts))
     }
 

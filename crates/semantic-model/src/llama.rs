@@ -66,37 +66,18 @@ impl LlamaModel {
                 let m = Arc::new(m);
                 (Embedding::Quant(m.clone()), Linear::Quant(m))
             }
-            None => (
-                Embedding::Dense(g.f32_vec("token_embd.weight")?),
-                Linear::load(g, "token_embd.weight")?,
-            ),
+            None => (Embedding::Dense(g.f32_vec("token_embd.weight")?), Linear::load(g, "token_embd.weight")?),
         };
-        let output = if g.has_tensor("output.weight") {
-            Linear::load(g, "output.weight")?
-        } else {
-            tied
-        };
-        let layers = (0..config.n_layers)
-            .map(|i| load_layer(g, i))
-            .collect::<Result<Vec<_>>>()?;
+        let output = if g.has_tensor("output.weight") { Linear::load(g, "output.weight")? } else { tied };
+        let layers = (0..config.n_layers).map(|i| load_layer(g, i)).collect::<Result<Vec<_>>>()?;
         let rope = Rope::new(config.n_rot, config.rope_base, config.rope_neox);
-        let n_threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = rayon::ThreadPoolBuilder::new()
             .num_threads(n_threads)
             .thread_name(|i| format!("semantic-kernel-{i}"))
             .build()
             .map_err(|e| ModelError::Plan(format!("cannot start kernel threads: {e}")))?;
-        let model = Self {
-            embed,
-            layers,
-            norm: g.f32_vec("output_norm.weight")?,
-            output,
-            rope,
-            config,
-            threads,
-        };
+        let model = Self { embed, layers, norm: g.f32_vec("output_norm.weight")?, output, rope, config, threads };
         model.check_shapes()?;
         Ok(model)
     }
@@ -122,11 +103,7 @@ impl LlamaModel {
         if self.output.out_features() != c.vocab_size {
             return Err(ModelError::Tensor {
                 name: "output.weight".into(),
-                reason: format!(
-                    "{} rows, vocab is {}",
-                    self.output.out_features(),
-                    c.vocab_size
-                ),
+                reason: format!("{} rows, vocab is {}", self.output.out_features(), c.vocab_size),
             });
         }
         Ok(())
@@ -148,20 +125,15 @@ impl LlamaModel {
 
     /// Bytes of weights held by the model (native formats).
     pub fn weight_bytes(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|l| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes())
-            .sum();
+        let l: usize =
+            self.layers.iter().map(|l| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes()).sum();
         l + self.output.bytes()
     }
 
     fn validate(&self, plan: &StepPlan, pool: &KvPool) -> Result<()> {
         let bs = pool.layout().block_size;
         if *pool.layout() != self.kv_layout(bs) {
-            return Err(ModelError::Plan(
-                "KV pool layout does not match the model".into(),
-            ));
+            return Err(ModelError::Plan("KV pool layout does not match the model".into()));
         }
         for (i, s) in plan.seqs.iter().enumerate() {
             let end = s.start_pos + s.tokens.len();
@@ -180,14 +152,8 @@ impl LlamaModel {
                     s.block_table.len() * bs
                 )));
             }
-            if let Some(t) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::Plan(format!(
-                    "token id {t} is outside the vocabulary"
-                )));
+            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(ModelError::Plan(format!("token id {t} is outside the vocabulary")));
             }
         }
         Ok(())
@@ -225,12 +191,8 @@ impl LlamaModel {
             row += s.tokens.len();
         }
         let nf = self.rope.n_freqs();
-        let shape = AttnShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let shape =
+            AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
 
         let mut h = vec![0f32; n * dim];
         let mut hq: Vec<BlockQ8A> = Vec::new();
@@ -309,9 +271,7 @@ impl LlamaModel {
         let dim = self.config.dim;
         match &self.embed {
             Embedding::Quant(m) => dequantize_row(m.qtype(), &m.row(t as usize), out),
-            Embedding::Dense(v) => {
-                out.copy_from_slice(&v[t as usize * dim..(t as usize + 1) * dim])
-            }
+            Embedding::Dense(v) => out.copy_from_slice(&v[t as usize * dim..(t as usize + 1) * dim]),
         }
     }
 }

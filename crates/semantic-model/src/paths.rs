@@ -10,9 +10,7 @@ pub fn semantic_home() -> PathBuf {
     if let Some(h) = std::env::var_os("SEMANTIC_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("semantic")
 }
 
@@ -23,10 +21,6 @@ pub fn test_model_path() -> PathBuf {
     let p = std::env::var_os("SEMANTIC_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| semantic_home().join("models").join(DEFAULT_MODEL_FILE));
-    assert!(
-        p.exists(),
-        "model missing at {}: run `cargo run --release -- model pull`",
-        p.display()
-    );
+    assert!(p.exists(), "model missing at {}: run `cargo run --release -- model pull`", p.display());
     p
 }

@@ -67,10 +67,7 @@ impl Sampler {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             t.map(|d| d.as_nanos() as u64).unwrap_or(0)
         });
-        Self {
-            params,
-            rng: Rng::new(seed),
-        }
+        Self { params, rng: Rng::new(seed) }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -87,41 +84,24 @@ impl Sampler {
             for &t in window {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
-                        *l = if *l > 0.0 {
-                            *l / p.repetition_penalty
-                        } else {
-                            *l * p.repetition_penalty
-                        };
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                     }
                 }
             }
         }
         if p.is_greedy() {
-            return Sampled {
-                token: argmax(logits),
-                logprob: 0.0,
-            };
+            return Sampled { token: argmax(logits), logprob: 0.0 };
         }
-        let mut want = if p.top_k > 0 {
-            p.top_k.min(logits.len())
-        } else {
-            64.min(logits.len())
-        };
+        let mut want = if p.top_k > 0 { p.top_k.min(logits.len()) } else { 64.min(logits.len()) };
         loop {
             let cands = top_candidates(logits, want);
             let max = cands[0].1;
-            let mut probs: Vec<f32> = cands
-                .iter()
-                .map(|c| ((c.1 - max) / p.temperature).exp())
-                .collect();
+            let mut probs: Vec<f32> = cands.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
             // Normalize over the whole (top-k limited) distribution.
             let total: f32 = if p.top_k > 0 || want == logits.len() {
                 probs.iter().sum()
             } else {
-                logits
-                    .iter()
-                    .map(|l| ((l - max) / p.temperature).exp())
-                    .sum()
+                logits.iter().map(|l| ((l - max) / p.temperature).exp()).sum()
             };
             let covered: f32 = probs.iter().sum::<f32>() / total;
             if covered < p.top_p && want < logits.len() && p.top_k == 0 {
@@ -155,10 +135,7 @@ impl Sampler {
         let mut r = self.rng.next_f32() * sum;
         for (i, pr) in probs.iter().enumerate() {
             if r < *pr || i + 1 == keep {
-                return Sampled {
-                    token: cands[i].0,
-                    logprob: (pr / sum).ln(),
-                };
+                return Sampled { token: cands[i].0, logprob: (pr / sum).ln() };
             }
             r -= pr;
         }
@@ -178,11 +155,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The `k` largest logits as `(token, logit)`, sorted descending, ties by id.
 fn top_candidates(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as u32, v))
-        .collect();
+    let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
     let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if k < all.len() {
         all.select_nth_unstable_by(k - 1, cmp);
@@ -197,19 +170,13 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams {
-            temperature: 1.0,
-            seed: Some(42),
-            ..Default::default()
-        };
+        let mut p = SamplingParams { temperature: 1.0, seed: Some(42), ..Default::default() };
         f(&mut p);
         p
     }
 
     fn logits() -> Vec<f32> {
-        (0..1000)
-            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
-            .collect()
+        (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect()
     }
 
     #[test]
@@ -224,16 +191,11 @@ mod tests {
     fn same_seed_same_tokens() {
         let run = || {
             let mut s = Sampler::new(params(|_| {}));
-            (0..50)
-                .map(|_| s.sample(&mut logits(), &[]).token)
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&mut logits(), &[]).token).collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
-        assert!(
-            a.iter().collect::<std::collections::HashSet<_>>().len() > 5,
-            "it samples"
-        );
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 5, "it samples");
     }
 
     #[test]
@@ -269,10 +231,7 @@ mod tests {
     #[test]
     fn repetition_penalty_pushes_seen_tokens_down() {
         let mut l = vec![1.0f32, 0.9, -1.0];
-        let mut s = Sampler::new(SamplingParams {
-            repetition_penalty: 1.5,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..Default::default() });
         assert_eq!(s.sample(&mut l, &[0, 2]).token, 1);
         assert!((l[0] - 1.0 / 1.5).abs() < 1e-6 && (l[2] + 1.5).abs() < 1e-6);
     }

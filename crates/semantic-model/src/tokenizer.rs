@@ -58,17 +58,11 @@ struct TokenTable {
 impl TokenTable {
     fn bytes_of(&self, id: u32, skip_special: bool) -> Result<&[u8]> {
         let i = id as usize;
-        let bytes = self.bytes.get(i).ok_or_else(|| {
-            ModelError::Tokenizer(format!(
-                "token id {id} out of range (vocab {})",
-                self.bytes.len()
-            ))
-        })?;
-        Ok(if skip_special && self.special[i] {
-            &[]
-        } else {
-            bytes
-        })
+        let bytes = self
+            .bytes
+            .get(i)
+            .ok_or_else(|| ModelError::Tokenizer(format!("token id {id} out of range (vocab {})", self.bytes.len())))?;
+        Ok(if skip_special && self.special[i] { &[] } else { bytes })
     }
 }
 
@@ -129,8 +123,7 @@ impl Tokenizer {
             }
         }
         let spm = kind == VocabKind::SentencePiece;
-        let space_prefix =
-            meta(content, "tokenizer.ggml.add_space_prefix", Value::to_bool)?.unwrap_or(spm);
+        let space_prefix = meta(content, "tokenizer.ggml.add_space_prefix", Value::to_bool)?.unwrap_or(spm);
         let mut inner = match kind {
             VocabKind::ByteLevelBpe => build_byte_level(&vocab)?,
             VocabKind::SentencePiece => build_sentencepiece(&vocab, unk, space_prefix)?,
@@ -148,10 +141,8 @@ impl Tokenizer {
             tokens: vocab.tokens.into(),
             bos,
             eos,
-            add_bos: meta(content, "tokenizer.ggml.add_bos_token", Value::to_bool)?
-                .unwrap_or(default_bos),
-            add_eos: meta(content, "tokenizer.ggml.add_eos_token", Value::to_bool)?
-                .unwrap_or(false),
+            add_bos: meta(content, "tokenizer.ggml.add_bos_token", Value::to_bool)?.unwrap_or(default_bos),
+            add_eos: meta(content, "tokenizer.ggml.add_eos_token", Value::to_bool)?.unwrap_or(false),
         })
     }
 
@@ -164,10 +155,8 @@ impl Tokenizer {
 
     /// Like [`Tokenizer::encode`]; `add_special == false` never adds BOS or EOS.
     pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| ModelError::Tokenizer(format!("encode: {e}")))?;
+        let encoding =
+            self.inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(format!("encode: {e}")))?;
         let body = encoding.get_ids();
         let mut ids = Vec::with_capacity(body.len() + 2);
         if let Some(bos) = self.bos.filter(|_| add_special && self.add_bos) {
@@ -203,12 +192,7 @@ impl Tokenizer {
 
     /// A decoder for text generated one token at a time.
     pub fn stream_decoder(&self, skip_special: bool) -> StreamDecoder {
-        StreamDecoder {
-            table: Arc::clone(&self.table),
-            skip_special,
-            pending: Vec::new(),
-            at_start: true,
-        }
+        StreamDecoder { table: Arc::clone(&self.table), skip_special, pending: Vec::new(), at_start: true }
     }
 
     /// The bytes a token stands for in decoded text (may be part of a UTF-8 sequence).
@@ -249,11 +233,7 @@ impl Tokenizer {
 
     /// Whether `id` is a control or unknown token.
     pub fn is_special(&self, id: u32) -> bool {
-        self.table
-            .special
-            .get(id as usize)
-            .copied()
-            .unwrap_or(false)
+        self.table.special.get(id as usize).copied().unwrap_or(false)
     }
 }
 
@@ -328,10 +308,7 @@ fn tok_err(what: &str) -> impl Fn(tokenizers::Error) -> ModelError + '_ {
 }
 
 fn bad_key(key: &str, reason: impl Into<String>) -> ModelError {
-    ModelError::Metadata {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
+    ModelError::Metadata { key: key.to_string(), reason: reason.into() }
 }
 
 /// `key` converted by `get`: `None` when absent, an error naming the key when mistyped.
@@ -341,9 +318,7 @@ fn meta<'a, T>(
     get: impl Fn(&'a Value) -> candle_core::Result<T>,
 ) -> Result<Option<T>> {
     let value = content.metadata.get(key);
-    value
-        .map(|v| get(v).map_err(|e| bad_key(key, e.to_string())))
-        .transpose()
+    value.map(|v| get(v).map_err(|e| bad_key(key, e.to_string()))).transpose()
 }
 
 /// An integer of any width, as converters write ids with differing types.
@@ -372,10 +347,7 @@ fn token_id_key(content: &Content, key: &str, n_vocab: usize) -> Result<Option<u
     }
     match u32::try_from(id) {
         Ok(id) if (id as usize) < n_vocab => Ok(Some(id)),
-        _ => Err(bad_key(
-            key,
-            format!("id {id} outside the vocab of {n_vocab}"),
-        )),
+        _ => Err(bad_key(key, format!("id {id} outside the vocab of {n_vocab}"))),
     }
 }
 
@@ -385,14 +357,11 @@ impl GgufVocab {
             .ok_or_else(|| bad_key("tokenizer.ggml.model", "missing"))?
             .clone();
         let pre = meta(content, "tokenizer.ggml.pre", Value::to_string)?.cloned();
-        let tokens = strings(content, "tokenizer.ggml.tokens")?
-            .ok_or_else(|| bad_key("tokenizer.ggml.tokens", "missing"))?;
+        let tokens =
+            strings(content, "tokenizer.ggml.tokens")?.ok_or_else(|| bad_key("tokenizer.ggml.tokens", "missing"))?;
         let n = tokens.len();
         let types = match meta(content, "tokenizer.ggml.token_type", Value::to_vec)? {
-            Some(a) => a
-                .iter()
-                .map(|v| value_as_i64(v).map(|t| t as i32))
-                .collect(),
+            Some(a) => a.iter().map(|v| value_as_i64(v).map(|t| t as i32)).collect(),
             None => Some(vec![TYPE_NORMAL; n]),
         };
         let types = types.ok_or_else(|| bad_key("tokenizer.ggml.token_type", "not integers"))?;
@@ -403,28 +372,14 @@ impl GgufVocab {
         let scores = scores.ok_or_else(|| bad_key("tokenizer.ggml.scores", "not f32"))?;
         let merges = strings(content, "tokenizer.ggml.merges")?.unwrap_or_default();
         if types.len() != n || !(scores.is_empty() || scores.len() == n) {
-            return Err(bad_key(
-                "tokenizer.ggml.token_type",
-                "length differs from tokens",
-            ));
+            return Err(bad_key("tokenizer.ggml.token_type", "length differs from tokens"));
         }
-        Ok(GgufVocab {
-            model,
-            pre,
-            tokens,
-            types,
-            scores,
-            merges,
-        })
+        Ok(GgufVocab { model, pre, tokens, types, scores, merges })
     }
 
     /// Vocab text -> id; a duplicated text keeps its last id, as in llama.cpp.
     fn vocab(&self) -> Vocab {
-        self.tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect()
+        self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
     }
 }
 
@@ -432,13 +387,8 @@ fn strings(content: &Content, key: &str) -> Result<Option<Vec<String>>> {
     let Some(array) = meta(content, key, Value::to_vec)? else {
         return Ok(None);
     };
-    let strings = array
-        .iter()
-        .map(|v| v.to_string().ok().cloned())
-        .collect::<Option<Vec<_>>>();
-    strings
-        .map(Some)
-        .ok_or_else(|| bad_key(key, "not an array of strings"))
+    let strings = array.iter().map(|v| v.to_string().ok().cloned()).collect::<Option<Vec<_>>>();
+    strings.map(Some).ok_or_else(|| bad_key(key, "not an array of strings"))
 }
 
 /// Pre-tokenizers of llama.cpp (`llm_tokenizer_bpe` in llama-vocab.cpp) by `tokenizer.ggml.pre`.
@@ -460,21 +410,12 @@ const DEEPSEEK_LLM: [&str; 6] = [
     r"[一-龥ࠀ-一가-퟿]+",
     r"\p{N}+",
 ];
-const DEEPSEEK_CODER: [&str; 5] = [
-    r"[\r\n]",
-    r"\s?\p{L}+",
-    r"\s?\p{P}+",
-    r"[一-龥ࠀ-一가-퟿]+",
-    r"\p{N}",
-];
+const DEEPSEEK_CODER: [&str; 5] = [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"];
 const FALCON: [&str; 3] = [r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"];
 const DEFAULT: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
 
 fn llama3_family(pre: &str) -> bool {
-    matches!(
-        pre,
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-    )
+    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral")
 }
 
 fn pre_split(pre: &str) -> PreSplit {
@@ -491,16 +432,11 @@ fn pre_split(pre: &str) -> PreSplit {
         "falcon" => (&FALCON, false),
         "default" => (&DEFAULT, false),
         other => {
-            eprintln!(
-                "warning: unknown tokenizer.ggml.pre `{other}`, using the GPT-2 pre-tokenizer"
-            );
+            eprintln!("warning: unknown tokenizer.ggml.pre `{other}`, using the GPT-2 pre-tokenizer");
             (&[GPT2], false)
         }
     };
-    PreSplit {
-        regexes,
-        ignore_merges,
-    }
+    PreSplit { regexes, ignore_merges }
 }
 
 fn build_byte_level(v: &GgufVocab) -> Result<tokenizers::Tokenizer> {
@@ -508,10 +444,7 @@ fn build_byte_level(v: &GgufVocab) -> Result<tokenizers::Tokenizer> {
     let merges = v
         .merges
         .iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-        })
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
         .collect::<Option<Merges>>()
         .ok_or_else(|| bad_key("tokenizer.ggml.merges", "a merge has no space"))?;
     let bpe = BpeBuilder::new()
@@ -523,17 +456,13 @@ fn build_byte_level(v: &GgufVocab) -> Result<tokenizers::Tokenizer> {
     for re in split.regexes {
         let pattern = SplitPattern::Regex((*re).to_string());
         let step = Split::new(pattern, SplitDelimiterBehavior::Isolated, false);
-        steps.push(PreTokenizerWrapper::Split(
-            step.map_err(tok_err("pre-tokenizer regex"))?,
-        ));
+        steps.push(PreTokenizerWrapper::Split(step.map_err(tok_err("pre-tokenizer regex"))?));
     }
     // The regexes above do the splitting; ByteLevel only maps bytes to its alphabet.
     let byte_level = ByteLevel::new(false, false, false);
     steps.push(PreTokenizerWrapper::ByteLevel(byte_level));
     let mut tk = tokenizers::Tokenizer::new(bpe);
-    tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(
-        steps,
-    )));
+    tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(steps)));
     Ok(tk)
 }
 
@@ -555,37 +484,20 @@ fn sentencepiece_merges(v: &GgufVocab, vocab: &Vocab) -> Merges {
             }
         }
     }
-    ranked.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
-    });
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
     let text = |id: u32| v.tokens[id as usize].clone();
-    ranked
-        .into_iter()
-        .map(|(_, _, l, r)| (text(l), text(r)))
-        .collect()
+    ranked.into_iter().map(|(_, _, l, r)| (text(l), text(r))).collect()
 }
 
-fn build_sentencepiece(
-    v: &GgufVocab,
-    unk: Option<u32>,
-    space_prefix: bool,
-) -> Result<tokenizers::Tokenizer> {
+fn build_sentencepiece(v: &GgufVocab, unk: Option<u32>, space_prefix: bool) -> Result<tokenizers::Tokenizer> {
     if v.scores.len() != v.tokens.len() {
-        return Err(bad_key(
-            "tokenizer.ggml.scores",
-            "missing for a `llama` vocab",
-        ));
+        return Err(bad_key("tokenizer.ggml.scores", "missing for a `llama` vocab"));
     }
     let vocab = v.vocab();
     let merges = sentencepiece_merges(v, &vocab);
-    let mut builder = BpeBuilder::new()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true);
+    let mut builder = BpeBuilder::new().vocab_and_merges(vocab, merges).byte_fallback(true);
     if let Some(unk) = unk {
-        builder = builder
-            .unk_token(v.tokens[unk as usize].clone())
-            .fuse_unk(true);
+        builder = builder.unk_token(v.tokens[unk as usize].clone()).fuse_unk(true);
     }
     let bpe = builder.build().map_err(tok_err("SentencePiece BPE"))?;
     let space = SPM_SPACE.to_string();
@@ -596,8 +508,7 @@ fn build_sentencepiece(
     }
     let mut tk = tokenizers::Tokenizer::new(bpe);
     let normalizer = tokenizers::normalizers::Sequence::new(normalizers);
-    tk.with_normalizer(Some(normalizer))
-        .map_err(tok_err("normalizer"))?;
+    tk.with_normalizer(Some(normalizer)).map_err(tok_err("normalizer"))?;
     Ok(tk)
 }
 
@@ -615,10 +526,8 @@ fn add_verbatim_tokens(tk: &mut tokenizers::Tokenizer, v: &GgufVocab) -> Result<
             user.push(AddedToken::from(text.clone(), false).normalized(false));
         }
     }
-    tk.add_special_tokens(special)
-        .map_err(tok_err("special tokens"))?;
-    tk.add_tokens(user)
-        .map_err(tok_err("user-defined tokens"))?;
+    tk.add_special_tokens(special).map_err(tok_err("special tokens"))?;
+    tk.add_tokens(user).map_err(tok_err("user-defined tokens"))?;
     Ok(())
 }
 
@@ -643,10 +552,7 @@ fn token_byte_table(kind: VocabKind, v: &GgufVocab) -> Vec<Box<[u8]>> {
         byte_of_char.insert(c, b as u8);
     }
     let unmap = |text: &str| -> Vec<u8> {
-        let bytes: Option<Vec<u8>> = text
-            .chars()
-            .map(|c| byte_of_char.get(&c).copied())
-            .collect();
+        let bytes: Option<Vec<u8>> = text.chars().map(|c| byte_of_char.get(&c).copied()).collect();
         bytes.unwrap_or_else(|| text.as_bytes().to_vec())
     };
     let piece = |text: &str, ty: i32| -> Vec<u8> {
@@ -654,23 +560,17 @@ fn token_byte_table(kind: VocabKind, v: &GgufVocab) -> Vec<Box<[u8]>> {
             _ if is_special_type(ty) => text.as_bytes().to_vec(),
             VocabKind::ByteLevelBpe if ty == TYPE_USER_DEFINED => text.as_bytes().to_vec(),
             VocabKind::ByteLevelBpe => unmap(text),
-            VocabKind::SentencePiece if ty == TYPE_BYTE => parse_byte_token(text)
-                .map(|b| vec![b])
-                .unwrap_or_else(|| text.as_bytes().to_vec()),
+            VocabKind::SentencePiece if ty == TYPE_BYTE => {
+                parse_byte_token(text).map(|b| vec![b]).unwrap_or_else(|| text.as_bytes().to_vec())
+            }
             VocabKind::SentencePiece => text.replace(SPM_SPACE, " ").into_bytes(),
         }
     };
-    v.tokens
-        .iter()
-        .zip(&v.types)
-        .map(|(t, &ty)| piece(t, ty).into_boxed_slice())
-        .collect()
+    v.tokens.iter().zip(&v.types).map(|(t, &ty)| piece(t, ty).into_boxed_slice()).collect()
 }
 
 /// `<0xAB>` -> 0xAB.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2)
-        .then(|| u8::from_str_radix(hex, 16).ok())
-        .flatten()
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
 }

@@ -36,16 +36,8 @@ fn candle_logits(path: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         .iter()
         .enumerate()
         .map(|(i, &t)| {
-            let x = Tensor::new(&[t], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            w.forward(&x, i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            let x = Tensor::new(&[t], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            w.forward(&x, i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
         })
         .collect()
 }
@@ -91,41 +83,21 @@ fn logits_match_candle_quantized_llama() {
         let theirs = candle_logits(&path, &all);
         let mut max_diff = 0f32;
         for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             max_diff = max_diff.max(d);
             let (ta, tb) = (argmax(a), argmax(b));
             if ta != tb {
                 let mut s = b.clone();
                 s.sort_by(|x, y| y.total_cmp(x));
-                assert!(
-                    s[0] - s[1] < NEAR_TIE,
-                    "{prompt:?} pos {pos}: argmax {ta} vs candle {tb}"
-                );
+                assert!(s[0] - s[1] < NEAR_TIE, "{prompt:?} pos {pos}: argmax {ta} vs candle {tb}");
             }
         }
         // Candle's greedy choice at every generated position equals ours
         // (checked above, near-ties aside); count the exact agreements.
-        let agree = theirs[ids.len() - 1..all.len() - 1]
-            .iter()
-            .zip(&cont)
-            .filter(|(l, &t)| argmax(l) == t)
-            .count();
-        assert!(
-            agree >= 30,
-            "{prompt:?}: only {agree}/32 greedy tokens agree"
-        );
-        eprintln!(
-            "{prompt:?}: {} tokens, max |logit diff| = {max_diff:.4}",
-            all.len()
-        );
-        assert!(
-            max_diff < MAX_LOGIT_DIFF,
-            "{prompt:?}: max logit diff {max_diff}"
-        );
+        let agree = theirs[ids.len() - 1..all.len() - 1].iter().zip(&cont).filter(|(l, &t)| argmax(l) == t).count();
+        assert!(agree >= 30, "{prompt:?}: only {agree}/32 greedy tokens agree");
+        eprintln!("{prompt:?}: {} tokens, max |logit diff| = {max_diff:.4}", all.len());
+        assert!(max_diff < MAX_LOGIT_DIFF, "{prompt:?}: max logit diff {max_diff}");
     }
     assert_eq!(pool.n_free(), 64);
 }
@@ -136,10 +108,7 @@ fn batched_and_chunked_steps_equal_single_runs() {
     let tok = Tokenizer::from_gguf(g.content()).unwrap();
     let mut pool = KvPool::new(model.kv_layout(16), 128);
     let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tok.encode(p).unwrap()).collect();
-    let alone: Vec<Vec<Vec<f32>>> = seqs
-        .iter()
-        .map(|s| common::logits_in_chunks(&model, &mut pool, s, 512))
-        .collect();
+    let alone: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| common::logits_in_chunks(&model, &mut pool, s, 512)).collect();
     // One step with all three sequences of different lengths.
     let mut tables: Vec<BlockTable> = Vec::new();
     let mut plan = StepPlan::default();
@@ -160,11 +129,7 @@ fn batched_and_chunked_steps_equal_single_runs() {
     for (i, single) in alone.iter().enumerate() {
         for (pos, want) in single.iter().enumerate() {
             let row = rows.next().unwrap();
-            let d = row
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(d < 1e-4, "seq {i} pos {pos}: batched differs by {d}");
         }
     }
@@ -175,11 +140,7 @@ fn batched_and_chunked_steps_equal_single_runs() {
     for chunk in [1, 7, 64] {
         let chunked = common::logits_in_chunks(&model, &mut pool, &seqs[2], chunk);
         for (pos, (a, b)) in chunked.iter().zip(&alone[2]).enumerate() {
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(d < 1e-4, "chunk {chunk} pos {pos}: differs by {d}");
         }
     }

@@ -27,10 +27,7 @@ impl Rng {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
             })
             .collect();
@@ -41,64 +38,26 @@ impl Rng {
 fn write_model(path: &Path, arch: &str, dtype: GgmlDType) {
     let mut rng = Rng(arch.len() as u64 * 7919 + dtype as u64);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |name: String, t: Tensor, dt: GgmlDType| {
-        tensors.push((name, QTensor::quantize(&t, dt).unwrap()))
-    };
+    let mut add = |name: String, t: Tensor, dt: GgmlDType| tensors.push((name, QTensor::quantize(&t, dt).unwrap()));
     let hd = DIM / HEADS;
-    add(
-        "token_embd.weight".into(),
-        rng.tensor(&[VOCAB, DIM], 1.0),
-        dtype,
-    );
-    add(
-        "output_norm.weight".into(),
-        (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(),
-        GgmlDType::F32,
-    );
-    add(
-        "output.weight".into(),
-        rng.tensor(&[VOCAB, DIM], 0.3),
-        dtype,
-    );
+    add("token_embd.weight".into(), rng.tensor(&[VOCAB, DIM], 1.0), dtype);
+    add("output_norm.weight".into(), (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(), GgmlDType::F32);
+    add("output.weight".into(), rng.tensor(&[VOCAB, DIM], 0.3), dtype);
     for l in 0..LAYERS {
         let p = |s: &str| format!("blk.{l}.{s}");
-        add(
-            p("attn_norm.weight"),
-            (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(),
-            GgmlDType::F32,
-        );
-        add(
-            p("ffn_norm.weight"),
-            (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(),
-            GgmlDType::F32,
-        );
+        add(p("attn_norm.weight"), (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(), GgmlDType::F32);
+        add(p("ffn_norm.weight"), (rng.tensor(&[DIM], 0.2) + 1.0).unwrap(), GgmlDType::F32);
         add(p("attn_q.weight"), rng.tensor(&[DIM, DIM], 0.3), dtype);
-        add(
-            p("attn_k.weight"),
-            rng.tensor(&[KV_HEADS * hd, DIM], 0.3),
-            dtype,
-        );
-        add(
-            p("attn_v.weight"),
-            rng.tensor(&[KV_HEADS * hd, DIM], 0.3),
-            dtype,
-        );
+        add(p("attn_k.weight"), rng.tensor(&[KV_HEADS * hd, DIM], 0.3), dtype);
+        add(p("attn_v.weight"), rng.tensor(&[KV_HEADS * hd, DIM], 0.3), dtype);
         add(p("attn_output.weight"), rng.tensor(&[DIM, DIM], 0.2), dtype);
         add(p("ffn_gate.weight"), rng.tensor(&[FF, DIM], 0.2), dtype);
         add(p("ffn_up.weight"), rng.tensor(&[FF, DIM], 0.2), dtype);
         add(p("ffn_down.weight"), rng.tensor(&[DIM, FF], 0.2), dtype);
         if arch == "qwen2" {
             add(p("attn_q.bias"), rng.tensor(&[DIM], 0.5), GgmlDType::F32);
-            add(
-                p("attn_k.bias"),
-                rng.tensor(&[KV_HEADS * hd], 0.5),
-                GgmlDType::F32,
-            );
-            add(
-                p("attn_v.bias"),
-                rng.tensor(&[KV_HEADS * hd], 0.5),
-                GgmlDType::F32,
-            );
+            add(p("attn_k.bias"), rng.tensor(&[KV_HEADS * hd], 0.5), GgmlDType::F32);
+            add(p("attn_v.bias"), rng.tensor(&[KV_HEADS * hd], 0.5), GgmlDType::F32);
         }
     }
     let u = |v: usize| Value::U32(v as u32);
@@ -112,10 +71,7 @@ fn write_model(path: &Path, arch: &str, dtype: GgmlDType) {
         (format!("{arch}.attention.head_count_kv"), u(KV_HEADS)),
         (format!("{arch}.rope.dimension_count"), u(hd)),
         (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
     ];
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -132,23 +88,11 @@ fn candle_logits(path: &Path, arch: &str, tokens: &[u32]) -> Vec<Vec<f32>> {
     let dev = Device::Cpu;
     let ids = |t: u32| Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
     if arch == "qwen2" {
-        let mut w =
-            candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)
-                .unwrap();
-        tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| step(&ids(t), i, &mut |x, p| w.forward(x, p).unwrap()))
-            .collect()
+        let mut w = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap();
+        tokens.iter().enumerate().map(|(i, &t)| step(&ids(t), i, &mut |x, p| w.forward(x, p).unwrap())).collect()
     } else {
-        let mut w =
-            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)
-                .unwrap();
-        tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| step(&ids(t), i, &mut |x, p| w.forward(x, p).unwrap()))
-            .collect()
+        let mut w = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap();
+        tokens.iter().enumerate().map(|(i, &t)| step(&ids(t), i, &mut |x, p| w.forward(x, p).unwrap())).collect()
     }
 }
 
@@ -168,13 +112,7 @@ fn our_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
                 logits: LogitsWanted::All,
             }],
         };
-        out.extend(
-            model
-                .forward(&plan, &mut pool)
-                .unwrap()
-                .chunks_exact(VOCAB)
-                .map(<[f32]>::to_vec),
-        );
+        out.extend(model.forward(&plan, &mut pool).unwrap().chunks_exact(VOCAB).map(<[f32]>::to_vec));
     }
     pool.free_table(table).unwrap();
     out
@@ -185,11 +123,7 @@ fn tiny_llama_and_qwen2_match_candle() {
     let dir = std::env::temp_dir().join(format!("semantic-tiny-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % VOCAB as u32).collect();
-    for (arch, dtype) in [
-        ("llama", GgmlDType::Q4_0),
-        ("llama", GgmlDType::Q4_1),
-        ("qwen2", GgmlDType::Q8_0),
-    ] {
+    for (arch, dtype) in [("llama", GgmlDType::Q4_0), ("llama", GgmlDType::Q4_1), ("qwen2", GgmlDType::Q8_0)] {
         let path = dir.join(format!("{arch}-{dtype:?}.gguf"));
         write_model(&path, arch, dtype);
         let ours = our_logits(&path, &tokens);
@@ -198,23 +132,17 @@ fn tiny_llama_and_qwen2_match_candle() {
         let mut max_diff = 0f32;
         let mut agree = 0;
         for (a, b) in ours.iter().zip(&theirs) {
-            max_diff = a
-                .iter()
-                .zip(b)
-                .fold(max_diff, |m, (x, y)| m.max((x - y).abs()));
+            max_diff = a.iter().zip(b).fold(max_diff, |m, (x, y)| m.max((x - y).abs()));
             agree += usize::from(argmax(a) == argmax(b));
         }
-        eprintln!("{arch} {dtype:?}: max |diff| {max_diff:.4} (logits up to {scale:.2}), argmax agrees at {agree}/{}", tokens.len());
+        eprintln!(
+            "{arch} {dtype:?}: max |diff| {max_diff:.4} (logits up to {scale:.2}), argmax agrees at {agree}/{}",
+            tokens.len()
+        );
         // f16 KV (ours) vs f32 (candle) and 8-bit activations: a few % of the
         // logit range; a wrong RoPE variant, bias or layout is off by ~100%.
-        assert!(
-            max_diff < 0.08 * scale,
-            "{arch} {dtype:?}: {max_diff} vs scale {scale}"
-        );
-        assert!(
-            agree >= tokens.len() - 2,
-            "{arch} {dtype:?}: argmax agrees at {agree}"
-        );
+        assert!(max_diff < 0.08 * scale, "{arch} {dtype:?}: {max_diff} vs scale {scale}");
+        assert!(agree >= tokens.len() - 2, "{arch} {dtype:?}: argmax agrees at {agree}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -21,12 +21,10 @@ fn model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("SEMANTIC_TEST_MODEL") {
         return PathBuf::from(path);
     }
-    let home = std::env::var_os("SEMANTIC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let user_home = std::env::var_os("HOME").unwrap_or_default();
-            PathBuf::from(user_home).join(".cache/semantic")
-        });
+    let home = std::env::var_os("SEMANTIC_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        let user_home = std::env::var_os("HOME").unwrap_or_default();
+        PathBuf::from(user_home).join(".cache/semantic")
+    });
     let pulled = home.join("models").join(MODEL_FILE);
     if pulled.exists() {
         return pulled;
@@ -51,19 +49,12 @@ fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = model_path();
-        let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `cargo run --release -- model pull`",
-                path.display()
-            )
-        });
+        let mut file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; run `cargo run --release -- model pull`", path.display()));
         let content = Content::read(&mut file).expect("GGUF metadata");
         let tokenizer = Tokenizer::from_gguf(&content).expect("tokenizer");
         let template = ChatTemplate::from_gguf(&content, &tokenizer).expect("chat template");
-        Model {
-            tokenizer,
-            template,
-        }
+        Model { tokenizer, template }
     })
 }
 
@@ -73,12 +64,8 @@ struct Case {
 }
 
 fn fixture() -> Vec<Case> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/tokenizer_ids.json"
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer_ids.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON");
     let cases = json["cases"].as_array().expect("cases");
     let case = |c: &serde_json::Value| Case {
         text: c["text"].as_str().expect("text").to_string(),
@@ -131,10 +118,7 @@ fn decode_inverts_encode() {
     }
     let ids = tok.encode("<|im_start|>user\nhi<|im_end|>").unwrap();
     assert_eq!(tok.decode_skip_special(&ids).unwrap(), "user\nhi");
-    assert!(matches!(
-        tok.decode(&[49152]),
-        Err(ModelError::Tokenizer(_))
-    ));
+    assert!(matches!(tok.decode(&[49152]), Err(ModelError::Tokenizer(_))));
 }
 
 #[test]
@@ -147,19 +131,12 @@ fn stream_deltas_concatenate_to_decode() {
             let mut text = String::new();
             for &id in &ids {
                 let delta = stream.push(id).unwrap();
-                assert!(
-                    !delta.contains('\u{FFFD}'),
-                    "{:?} split a character",
-                    case.text
-                );
+                assert!(!delta.contains('\u{FFFD}'), "{:?} split a character", case.text);
                 text.push_str(&delta);
             }
             text.push_str(&stream.finish());
-            let expected = if skip_special {
-                tok.decode_skip_special(&ids).unwrap()
-            } else {
-                tok.decode(&ids).unwrap()
-            };
+            let expected =
+                if skip_special { tok.decode_skip_special(&ids).unwrap() } else { tok.decode(&ids).unwrap() };
             assert_eq!(text, expected);
         }
     }
@@ -212,21 +189,15 @@ fn stop_tokens_are_eos_and_end_of_turn() {
 
 #[test]
 fn raise_exception_is_a_template_error() {
-    let source = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}ok";
+    let source =
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}ok";
     let template = ChatTemplate::new(source, "<s>", "</s>").unwrap();
-    let err = template
-        .render(&[ChatMessage::system("x")], true, None)
-        .unwrap_err();
+    let err = template.render(&[ChatMessage::system("x")], true, None).unwrap_err();
     match err {
         ModelError::Template(msg) => assert!(msg.contains("System role not supported"), "{msg}"),
         other => panic!("expected a template error, got {other:?}"),
     }
-    assert_eq!(
-        template
-            .render(&[ChatMessage::user("x")], true, None)
-            .unwrap(),
-        "ok"
-    );
+    assert_eq!(template.render(&[ChatMessage::user("x")], true, None).unwrap(), "ok");
 }
 
 #[test]
@@ -236,13 +207,9 @@ fn templates_see_tools_helpers_and_python_methods() {
                   {{ strftime_now('%Y')|length }}{{ eos_token }}";
     let template = ChatTemplate::new(source, "<s>", "</s>").unwrap();
     let tools = serde_json::json!([{"name": "f", "x": [1, 2]}]);
-    let text = template
-        .render(&[ChatMessage::user("  hi ")], false, Some(&tools))
-        .unwrap();
+    let text = template.render(&[ChatMessage::user("  hi ")], false, Some(&tools)).unwrap();
     assert_eq!(text, "<s>[{\"name\": \"f\", \"x\": [1, 2]}]HI4</s>");
-    let text = template
-        .render(&[ChatMessage::user("a")], false, None)
-        .unwrap();
+    let text = template.render(&[ChatMessage::user("a")], false, None).unwrap();
     assert_eq!(text, "<s>A4</s>");
     assert!(ChatTemplate::new("{% for %}", "", "").is_err());
 }
@@ -278,12 +245,7 @@ fn vocab_content(model: &str, vocab: &[(String, i32, f32)], extra: Vec<(&str, Va
     if model == "gpt2" {
         metadata.remove("tokenizer.ggml.scores");
     }
-    Content {
-        magic: VersionedMagic::GgufV3,
-        metadata,
-        tensor_infos: HashMap::new(),
-        tensor_data_offset: 0,
-    }
+    Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
 }
 
 /// `<unk> <s> </s>`, the 256 byte tokens, then pieces whose scores make "▁hello" and
@@ -308,25 +270,14 @@ fn tiny_spm(extra: Vec<(&str, Value)>) -> Tokenizer {
         ("or", -10.0),
     ];
     let chars = ["▁", "h", "e", "l", "o", "w", "r", "d"].map(|c| (c, -20.0));
-    vocab.extend(
-        pieces
-            .into_iter()
-            .chain(chars)
-            .map(|(p, s)| (p.to_string(), NORMAL, s)),
-    );
-    let ids = [
-        ("tokenizer.ggml.bos_token_id", 1),
-        ("tokenizer.ggml.unknown_token_id", 0),
-    ];
-    let extra = extra
-        .into_iter()
-        .chain(ids.map(|(k, id)| (k, Value::U32(id))));
+    vocab.extend(pieces.into_iter().chain(chars).map(|(p, s)| (p.to_string(), NORMAL, s)));
+    let ids = [("tokenizer.ggml.bos_token_id", 1), ("tokenizer.ggml.unknown_token_id", 0)];
+    let extra = extra.into_iter().chain(ids.map(|(k, id)| (k, Value::U32(id))));
     Tokenizer::from_gguf(&vocab_content("llama", &vocab, extra.collect())).unwrap()
 }
 
 fn id(tok: &Tokenizer, text: &str) -> u32 {
-    tok.token_id(text)
-        .unwrap_or_else(|| panic!("{text} not in the vocab"))
+    tok.token_id(text).unwrap_or_else(|| panic!("{text} not in the vocab"))
 }
 
 #[test]
@@ -334,10 +285,7 @@ fn sentencepiece_merges_by_score_with_byte_fallback() {
     let tok = tiny_spm(vec![]);
     let (hello, world) = (id(&tok, "▁hello"), id(&tok, "▁world"));
     assert_eq!(tok.encode("hello world").unwrap(), vec![1, hello, world]);
-    assert_eq!(
-        tok.encode_with("hello world", false).unwrap(),
-        vec![hello, world]
-    );
+    assert_eq!(tok.encode_with("hello world", false).unwrap(), vec![hello, world]);
     // "é" is not in the vocab: its UTF-8 bytes C3 A9 become byte tokens.
     let e_acute = vec![id(&tok, "▁"), 3 + 0xC3, 3 + 0xA9];
     let ids = tok.encode_with("hello é", false).unwrap();
@@ -369,10 +317,7 @@ fn sentencepiece_decode_strips_the_space_prefix() {
 
 #[test]
 fn sentencepiece_without_space_prefix() {
-    let tok = tiny_spm(vec![(
-        "tokenizer.ggml.add_space_prefix",
-        Value::Bool(false),
-    )]);
+    let tok = tiny_spm(vec![("tokenizer.ggml.add_space_prefix", Value::Bool(false))]);
     let ids = tok.encode_with(" hello", false).unwrap();
     assert_eq!(ids, vec![id(&tok, "▁hello")]);
     assert_eq!(tok.decode(&ids).unwrap(), " hello");
@@ -382,21 +327,14 @@ fn sentencepiece_without_space_prefix() {
 
 /// A byte-level BPE vocab that spells "hello world", plus a user-defined `<think>`.
 fn tiny_gpt2(pre: &str) -> Tokenizer {
-    let pieces = [
-        "h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "llo", "hello", "Ġw", "or", "Ġwor",
-        "ld", "Ġworld",
-    ];
+    let pieces =
+        ["h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "llo", "hello", "Ġw", "or", "Ġwor", "ld", "Ġworld"];
     let mut vocab = vec![("<|endoftext|>".to_string(), CONTROL, 0.0)];
     vocab.extend(pieces.map(|p| (p.to_string(), NORMAL, 0.0)));
     vocab.push(("<think>".to_string(), USER_DEFINED, 0.0));
     vocab.insert(2, ("<|im_end|>".to_string(), CONTROL, 0.0));
-    let merges = [
-        "h e", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld",
-    ];
-    let extra = vec![
-        ("tokenizer.ggml.pre", Value::String(pre.into())),
-        ("tokenizer.ggml.merges", strings(&merges)),
-    ];
+    let merges = ["h e", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"];
+    let extra = vec![("tokenizer.ggml.pre", Value::String(pre.into())), ("tokenizer.ggml.merges", strings(&merges))];
     Tokenizer::from_gguf(&vocab_content("gpt2", &vocab, extra)).unwrap()
 }
 
@@ -420,11 +358,7 @@ fn every_known_pre_tokenizer_builds_and_splits_words() {
     for pre in pres {
         let tok = tiny_gpt2(pre);
         let ids = tok.encode_with("hello world", false).unwrap();
-        assert_eq!(
-            ids,
-            vec![id(&tok, "hello"), id(&tok, "Ġworld")],
-            "pre {pre}"
-        );
+        assert_eq!(ids, vec![id(&tok, "hello"), id(&tok, "Ġworld")], "pre {pre}");
         assert_eq!(tok.decode(&ids).unwrap(), "hello world");
     }
 }

@@ -65,22 +65,11 @@ fn main() {
         let t = Instant::now();
         let got = ModelFingerprint::of_file(&gguf).unwrap();
         let size = std::fs::metadata(&gguf).unwrap().len();
-        println!(
-            "fingerprint of {} ({size} B): {got} in {:.1} ms\n",
-            gguf.display(),
-            t.elapsed().as_secs_f64() * 1e3
-        );
+        println!("fingerprint of {} ({size} B): {got} in {:.1} ms\n", gguf.display(), t.elapsed().as_secs_f64() * 1e3);
     }
 
-    let l = KvLayout {
-        n_layers: 30,
-        n_kv_heads: 3,
-        head_dim: 64,
-        block_size: 16,
-    };
-    println!(
-        "| tokens | codec | file MiB | save ms (fsync ms) | load ms, page cache | load ms, cold |"
-    );
+    let l = KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size: 16 };
+    println!("| tokens | codec | file MiB | save ms (fsync ms) | load ms, page cache | load ms, cold |");
     println!("|---:|---|---:|---:|---:|---:|");
     for n in [2048, 4096, 8192] {
         let (pool, table) = filled(l, n);
@@ -89,9 +78,8 @@ fn main() {
         for codec in KvCodec::ALL {
             let agent = AgentId::new(&format!("bench-{n}-{codec}")).unwrap();
             let src = PoolSource::new(&pool, table.blocks());
-            let saves: Vec<SaveStats> = (0..RUNS)
-                .map(|_| write_agent_cache(tmp.path(), &agent, &fp, codec, &tokens, &src).unwrap())
-                .collect();
+            let saves: Vec<SaveStats> =
+                (0..RUNS).map(|_| write_agent_cache(tmp.path(), &agent, &fp, codec, &tokens, &src).unwrap()).collect();
             let path = saves[0].path.clone();
             let mut load = || {
                 let mut t = BlockTable::default();
@@ -101,11 +89,7 @@ fn main() {
                 loaded.duration
             };
             let warm = median((0..RUNS).map(|_| load()).collect());
-            let cold_ms = if cold && drop_caches() {
-                format!("{:.1}", load().as_secs_f64() * 1e3)
-            } else {
-                "-".into()
-            };
+            let cold_ms = if cold && drop_caches() { format!("{:.1}", load().as_secs_f64() * 1e3) } else { "-".into() };
             println!(
                 "| {n} | {codec} | {:.1} | {:.1} ({:.1}) | {warm:.1} | {cold_ms} |",
                 saves[0].bytes as f64 / (1 << 20) as f64,

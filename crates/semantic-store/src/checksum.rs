@@ -17,9 +17,7 @@ const P5: u64 = 0x27D4_EB2F_1656_67C5;
 
 #[inline(always)]
 fn round(acc: u64, lane: u64) -> u64 {
-    acc.wrapping_add(lane.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
+    acc.wrapping_add(lane.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
 }
 
 #[inline(always)]
@@ -47,12 +45,7 @@ impl Xxh64 {
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
-            v: [
-                seed.wrapping_add(P1).wrapping_add(P2),
-                seed.wrapping_add(P2),
-                seed,
-                seed.wrapping_sub(P1),
-            ],
+            v: [seed.wrapping_add(P1).wrapping_add(P2), seed.wrapping_add(P2), seed, seed.wrapping_sub(P1)],
             buf: [0; 32],
             buf_len: 0,
             total: 0,
@@ -150,16 +143,8 @@ mod tests {
             (b"ABC", 0, 0xe66a_e735_4fcf_ee98),
             (abc31, 0, 0x4676_0590_1b01_d6f6),
             (abc31, 877_380_273, 0x37b5_62ec_5715_e132),
-            (
-                b"abcdefghijklmnopqrstuvwxyz123456",
-                0,
-                0x0022_ee3b_5a18_531b,
-            ),
-            (
-                b"abcdefghijklmnopqrstuvwxyz1234567",
-                0,
-                0x23bb_d16d_2935_3c5f,
-            ),
+            (b"abcdefghijklmnopqrstuvwxyz123456", 0, 0x0022_ee3b_5a18_531b),
+            (b"abcdefghijklmnopqrstuvwxyz1234567", 0, 0x23bb_d16d_2935_3c5f),
         ];
         for (data, seed, want) in cases {
             assert_eq!(xxh64(data, seed), want, "{:?} seed {seed}", data);

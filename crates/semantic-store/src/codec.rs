@@ -125,10 +125,7 @@ impl KvCodec {
                 }
             }
             Self::Q8_0 => {
-                for (g, o) in to_f32(row, scratch)
-                    .chunks(GROUP)
-                    .zip(out.chunks_mut(GROUP))
-                {
+                for (g, o) in to_f32(row, scratch).chunks(GROUP).zip(out.chunks_mut(GROUP)) {
                     let id = inverse(self.group_scale(g));
                     for (o, x) in o.iter_mut().zip(g) {
                         *o = round_to_int(x * id, -127.0, 127.0) as u8;
@@ -136,10 +133,7 @@ impl KvCodec {
                 }
             }
             Self::Q4_0 => {
-                for (g, o) in to_f32(row, scratch)
-                    .chunks(GROUP)
-                    .zip(out.chunks_mut(GROUP / 2))
-                {
+                for (g, o) in to_f32(row, scratch).chunks(GROUP).zip(out.chunks_mut(GROUP / 2)) {
                     let id = inverse(self.group_scale(g));
                     // Levels first, then packing: two simple loops vectorize.
                     let mut levels = [0u8; GROUP];
@@ -155,13 +149,7 @@ impl KvCodec {
     }
 
     /// Decodes the values bytes `data` of a row with its `scales` into `out`.
-    pub(crate) fn decode(
-        self,
-        data: &[u8],
-        scales: &[f16],
-        scratch: &mut Vec<f32>,
-        out: &mut [f16],
-    ) {
+    pub(crate) fn decode(self, data: &[u8], scales: &[f16], scratch: &mut Vec<f32>, out: &mut [f16]) {
         if self == Self::F16 {
             for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
                 *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
@@ -208,10 +196,7 @@ impl FromStr for KvCodec {
     type Err = CodecParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.name() == s)
-            .ok_or_else(|| CodecParseError(s.to_owned()))
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| CodecParseError(s.to_owned()))
     }
 }
 
@@ -240,14 +225,8 @@ fn min_max(g: &[f32]) -> (f32, f32) {
         }
     }
     let tail = chunks.remainder();
-    let lo = lo
-        .iter()
-        .chain(tail)
-        .fold(0.0f32, |m, &x| if x < m { x } else { m });
-    let hi = hi
-        .iter()
-        .chain(tail)
-        .fold(0.0f32, |m, &x| if x > m { x } else { m });
+    let lo = lo.iter().chain(tail).fold(0.0f32, |m, &x| if x < m { x } else { m });
+    let hi = hi.iter().chain(tail).fold(0.0f32, |m, &x| if x > m { x } else { m });
     (lo, hi)
 }
 
@@ -286,9 +265,7 @@ mod tests {
     fn rows(n: usize, seed: u64) -> Vec<f16> {
         let mut s = seed;
         let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 24) as f32
         };
         (0..n)
@@ -309,14 +286,7 @@ mod tests {
     fn round_trip(codec: KvCodec, row: &[f16]) -> Vec<f16> {
         let (mut scratch, mut scales) = (Vec::new(), Vec::new());
         codec.push_scales(row, &mut scratch, &mut scales);
-        assert_eq!(
-            scales.len(),
-            if codec.has_scales() {
-                row.len().div_ceil(GROUP)
-            } else {
-                0
-            }
-        );
+        assert_eq!(scales.len(), if codec.has_scales() { row.len().div_ceil(GROUP) } else { 0 });
         let per_byte = if codec == KvCodec::Q4_0 { 2 } else { 1 };
         let mut bytes = vec![0u8; row.len() * codec.values_elem_bytes() / per_byte];
         codec.encode(row, &mut scratch, &mut bytes);
@@ -345,22 +315,17 @@ mod tests {
                 let m = max_abs16(g);
                 for (x, y) in g.iter().zip(b) {
                     let err = (x.to_f32() - y.to_f32()).abs();
-                    assert!(
-                        err <= codec.max_abs_error(m),
-                        "{codec}: |{x} - {y}| in group max {m}"
-                    );
+                    assert!(err <= codec.max_abs_error(m), "{codec}: |{x} - {y}| in group max {m}");
                     if m > 0.01 {
                         worst_rel = worst_rel.max(err / m);
-                        let half_step = if codec == KvCodec::Q8_0 {
-                            m / 254.0
-                        } else {
-                            m / 16.0
-                        };
+                        let half_step = if codec == KvCodec::Q8_0 { m / 254.0 } else { m / 16.0 };
                         n_beyond_half_step += (err > half_step * 1.01) as usize;
                     }
                 }
             }
-            eprintln!("{codec}: worst |err| / group max = {worst_rel:.5}, {n_beyond_half_step} values beyond half a step");
+            eprintln!(
+                "{codec}: worst |err| / group max = {worst_rel:.5}, {n_beyond_half_step} values beyond half a step"
+            );
             if codec == KvCodec::Q8_0 {
                 assert_eq!(n_beyond_half_step, 0);
             }
@@ -393,10 +358,7 @@ mod tests {
         assert_eq!(round_to_int(7.5, -8.0, 7.0), 7);
         assert_eq!(round_to_int(2.5, -8.0, 7.0), 2);
         assert_eq!(min_max(&[0.5, -3.0, 2.0]), (-3.0, 2.0));
-        assert_eq!(
-            min_max(&(0..40).map(|i| i as f32 - 35.0).collect::<Vec<_>>()),
-            (-35.0, 4.0)
-        );
+        assert_eq!(min_max(&(0..40).map(|i| i as f32 - 35.0).collect::<Vec<_>>()), (-35.0, 4.0));
         assert_eq!(min_max(&[1.0; 17]), (0.0, 1.0));
     }
 

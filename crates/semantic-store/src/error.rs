@@ -14,29 +14,17 @@ pub enum CacheError {
     Corrupt { path: PathBuf, reason: String },
     /// The file was written for another model (or copied between dirs).
     #[error("cache file {path} belongs to model {found}, expected {expected}")]
-    ForeignModel {
-        path: PathBuf,
-        expected: ModelFingerprint,
-        found: String,
-    },
+    ForeignModel { path: PathBuf, expected: ModelFingerprint, found: String },
     /// The file is of a format version this build does not read.
     #[error("cache file {path} has format version {found}, this build reads {supported}")]
-    Version {
-        path: PathBuf,
-        found: String,
-        supported: u32,
-    },
+    Version { path: PathBuf, found: String, supported: u32 },
     /// The device ran out of space (ENOSPC / EDQUOT) while writing; the
     /// temporary file has been removed.
     #[error("disk full while writing {path}: {source}")]
     DiskFull { path: PathBuf, source: io::Error },
     /// Any other I/O failure (permissions, a vanished file, ...).
     #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     /// The KV pool has too few free blocks for the cache; nothing was loaded.
     #[error("KV pool has {free} free blocks, the cache needs {needed}")]
     PoolFull { needed: usize, free: usize },
@@ -51,17 +39,11 @@ impl CacheError {
     /// foreign or of another version. Such a file is moved to `quarantine/`.
     /// I/O errors and a full pool are not the file's fault.
     pub fn should_quarantine(&self) -> bool {
-        matches!(
-            self,
-            Self::Corrupt { .. } | Self::ForeignModel { .. } | Self::Version { .. }
-        )
+        matches!(self, Self::Corrupt { .. } | Self::ForeignModel { .. } | Self::Version { .. })
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Corrupt {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Self::Corrupt { path: path.into(), reason: reason.into() }
     }
 
     /// Maps an I/O error; out-of-space becomes [`CacheError::DiskFull`].

@@ -53,14 +53,8 @@ impl ModelFingerprint {
 
     /// Parses 16 lowercase hex characters (tests, file headers, dir names).
     pub fn new(s: &str) -> Result<Self, FingerprintError> {
-        let bytes: [u8; 16] = s
-            .as_bytes()
-            .try_into()
-            .map_err(|_| FingerprintError(s.to_owned()))?;
-        if !bytes
-            .iter()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-        {
+        let bytes: [u8; 16] = s.as_bytes().try_into().map_err(|_| FingerprintError(s.to_owned()))?;
+        if !bytes.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
             return Err(FingerprintError(s.to_owned()));
         }
         Ok(Self(bytes))
@@ -94,21 +88,10 @@ mod tests {
     fn parses_only_16_lowercase_hex() {
         let fp = ModelFingerprint::new("b179c9523d0e6a0f").unwrap();
         assert_eq!(fp.to_string(), "b179c9523d0e6a0f");
-        assert_eq!(
-            "0123456789abcdef"
-                .parse::<ModelFingerprint>()
-                .unwrap()
-                .as_str(),
-            "0123456789abcdef"
-        );
-        for bad in [
-            "",
-            "b179c9523d0e6a0",
-            "b179c9523d0e6a0f0",
-            "B179C9523D0E6A0F",
-            "g179c9523d0e6a0f",
-            "../../../../etc/",
-        ] {
+        assert_eq!("0123456789abcdef".parse::<ModelFingerprint>().unwrap().as_str(), "0123456789abcdef");
+        for bad in
+            ["", "b179c9523d0e6a0", "b179c9523d0e6a0f0", "B179C9523D0E6A0F", "g179c9523d0e6a0f", "../../../../etc/"]
+        {
             assert!(ModelFingerprint::new(bad).is_err(), "{bad:?}");
         }
     }
@@ -118,22 +101,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         // sha256("abc") = ba7816bf8f01cfea414140de5dae2223...
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(b"abc")
-            .unwrap();
-        assert_eq!(
-            ModelFingerprint::of_file(&path).unwrap().as_str(),
-            "ba7816bf8f01cfea"
-        );
+        std::fs::File::create(&path).unwrap().write_all(b"abc").unwrap();
+        assert_eq!(ModelFingerprint::of_file(&path).unwrap().as_str(), "ba7816bf8f01cfea");
         // Larger than one read buffer.
         let big: Vec<u8> = (0..(3 << 20) + 5).map(|i: u32| (i % 251) as u8).collect();
         std::fs::write(&path, &big).unwrap();
         let want = ModelFingerprint::from_sha256(&Sha256::digest(&big).into());
         assert_eq!(ModelFingerprint::of_file(&path).unwrap(), want);
-        assert!(matches!(
-            ModelFingerprint::of_file(&dir.path().join("missing")),
-            Err(CacheError::Io { .. })
-        ));
+        assert!(matches!(ModelFingerprint::of_file(&dir.path().join("missing")), Err(CacheError::Io { .. })));
     }
 }

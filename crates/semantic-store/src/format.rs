@@ -63,18 +63,13 @@ pub struct KvDims {
 
 impl From<&KvLayout> for KvDims {
     fn from(l: &KvLayout) -> Self {
-        Self {
-            n_layers: l.n_layers,
-            n_kv_heads: l.n_kv_heads,
-            head_dim: l.head_dim,
-        }
+        Self { n_layers: l.n_layers, n_kv_heads: l.n_kv_heads, head_dim: l.head_dim }
     }
 }
 
 /// `<dir>/<fingerprint>/<agent>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &ModelFingerprint, agent: &AgentId) -> PathBuf {
-    dir.join(fingerprint.as_str())
-        .join(format!("{agent}{CACHE_SUFFIX}"))
+    dir.join(fingerprint.as_str()).join(format!("{agent}{CACHE_SUFFIX}"))
 }
 
 /// The writer's pid if `name` is a temp file name
@@ -86,12 +81,8 @@ pub(crate) fn temp_file_pid(name: &str) -> Option<u32> {
     let pid = parts.next()?;
     let stem = parts.next()?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let agent = stem
-        .strip_suffix(TEMP_MARKER.trim_end_matches('.'))?
-        .strip_suffix(CACHE_SUFFIX)?;
-    (digits(n) && AgentId::new(agent).is_ok())
-        .then(|| pid.parse().ok())
-        .flatten()
+    let agent = stem.strip_suffix(TEMP_MARKER.trim_end_matches('.'))?.strip_suffix(CACHE_SUFFIX)?;
+    (digits(n) && AgentId::new(agent).is_ok()).then(|| pid.parse().ok()).flatten()
 }
 
 /// One tensor of a file: name, dtype, shape and its byte range in the data.
@@ -122,17 +113,9 @@ pub(crate) fn plan(codec: KvCodec, dims: &KvDims, n_tokens: usize) -> Option<Pla
     let mut tensors = Vec::with_capacity(1 + 4 * l);
     let mut at = 0u64;
     let mut push = |name: String, dtype: &'static str, shape: Vec<usize>, elem: usize| {
-        let bytes = shape
-            .iter()
-            .try_fold(elem as u64, |acc, &s| acc.checked_mul(s as u64))?;
+        let bytes = shape.iter().try_fold(elem as u64, |acc, &s| acc.checked_mul(s as u64))?;
         let end = at.checked_add(bytes)?;
-        tensors.push(TensorSpec {
-            name,
-            dtype,
-            shape,
-            start: at,
-            end,
-        });
+        tensors.push(TensorSpec { name, dtype, shape, start: at, end });
         at = end;
         Some(())
     };
@@ -145,20 +128,13 @@ pub(crate) fn plan(codec: KvCodec, dims: &KvDims, n_tokens: usize) -> Option<Pla
             }
         }
     }
-    let (dtype, last, elem) = (
-        codec.values_dtype(),
-        codec.values_last_dim(d),
-        codec.values_elem_bytes(),
-    );
+    let (dtype, last, elem) = (codec.values_dtype(), codec.values_last_dim(d), codec.values_elem_bytes());
     for i in 0..l {
         for kv in ["k", "v"] {
             push(format!("layers.{i}.{kv}"), dtype, vec![h, t, last], elem)?;
         }
     }
-    Some(Plan {
-        tensors,
-        data_len: at,
-    })
+    Some(Plan { tensors, data_len: at })
 }
 
 /// What the writer records in `__metadata__`.
@@ -193,20 +169,14 @@ pub(crate) fn build_header(h: &NewHeader<'_>, plan: &Plan) -> (Vec<u8>, u64) {
         }),
     );
     for t in &plan.tensors {
-        map.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.start, t.end]}),
-        );
+        map.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.start, t.end]}));
     }
     let mut json = serde_json::to_vec(&Value::Object(map)).expect("a JSON map serializes");
     while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let needle = format!("\"{CHECKSUM_PLACEHOLDER}\"");
-    let at = json
-        .windows(needle.len())
-        .position(|w| w == needle.as_bytes())
-        .expect("placeholder is in the header");
+    let at = json.windows(needle.len()).position(|w| w == needle.as_bytes()).expect("placeholder is in the header");
     let mut bytes = Vec::with_capacity(8 + json.len());
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&json);
@@ -244,46 +214,28 @@ pub fn read_header(path: &Path) -> Result<CacheHeader, CacheError> {
 
 /// [`read_header`] of an open file; leaves the file position unspecified.
 pub(crate) fn read_header_from(file: &mut File, path: &Path) -> Result<CacheHeader, CacheError> {
-    let meta = file
-        .metadata()
-        .map_err(|e| CacheError::io("stat", path, e))?;
+    let meta = file.metadata().map_err(|e| CacheError::io("stat", path, e))?;
     let len = meta.len();
-    let mtime = meta
-        .modified()
-        .map_err(|e| CacheError::io("stat", path, e))?;
+    let mtime = meta.modified().map_err(|e| CacheError::io("stat", path, e))?;
     let mut buf = vec![0u8; (16 << 10).min(len as usize)];
-    file.read_exact(&mut buf)
-        .map_err(|e| CacheError::read(path, e))?;
+    file.read_exact(&mut buf).map_err(|e| CacheError::read(path, e))?;
     if len < 8 {
-        return Err(CacheError::corrupt(
-            path,
-            format!("{len} bytes: shorter than a header"),
-        ));
+        return Err(CacheError::corrupt(path, format!("{len} bytes: shorter than a header")));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER_BYTES || 8 + n > len {
-        return Err(CacheError::corrupt(
-            path,
-            format!("header length {n} does not fit a file of {len} bytes"),
-        ));
+        return Err(CacheError::corrupt(path, format!("header length {n} does not fit a file of {len} bytes")));
     }
     let end = 8 + n as usize;
     if buf.len() < end {
         let have = buf.len();
         buf.resize(end, 0);
-        file.read_exact(&mut buf[have..])
-            .map_err(|e| CacheError::read(path, e))?;
+        file.read_exact(&mut buf[have..]).map_err(|e| CacheError::read(path, e))?;
     }
     let map: BTreeMap<String, Value> = serde_json::from_slice(&buf[8..end])
         .map_err(|e| CacheError::corrupt(path, format!("header is not JSON: {e}")))?;
     let fields = parse_fields(path, &map)?;
-    let header = CacheHeader {
-        path: path.to_owned(),
-        bytes: len,
-        mtime,
-        data_offset: end as u64,
-        ..fields
-    };
+    let header = CacheHeader { path: path.to_owned(), bytes: len, mtime, data_offset: end as u64, ..fields };
     check_tensors(path, &header, map)?;
     check_file_name(path, &header.agent)?;
     Ok(header)
@@ -302,9 +254,7 @@ fn parse_fields(path: &Path, map: &BTreeMap<String, Value>) -> Result<CacheHeade
         }
     };
     let num = |key: &str| -> Result<u64, CacheError> {
-        get(key)?
-            .parse::<u64>()
-            .map_err(|_| bad(format!("metadata {key:?} is not a number")))
+        get(key)?.parse::<u64>().map_err(|_| bad(format!("metadata {key:?} is not a number")))
     };
     // The version first: a newer file may lack or change any other field.
     let version = get("format_version")?;
@@ -315,28 +265,18 @@ fn parse_fields(path: &Path, map: &BTreeMap<String, Value>) -> Result<CacheHeade
             supported: FORMAT_VERSION,
         });
     }
-    let fingerprint =
-        ModelFingerprint::new(get("model_fingerprint")?).map_err(|e| bad(e.to_string()))?;
+    let fingerprint = ModelFingerprint::new(get("model_fingerprint")?).map_err(|e| bad(e.to_string()))?;
     let agent = AgentId::new(get("agent_id")?).map_err(|e| bad(e.to_string()))?;
-    let codec = get("kv_codec")?
-        .parse::<KvCodec>()
-        .map_err(|e| bad(e.to_string()))?;
+    let codec = get("kv_codec")?.parse::<KvCodec>().map_err(|e| bad(e.to_string()))?;
     let size = |key: &str| -> Result<usize, CacheError> {
         usize::try_from(num(key)?).map_err(|_| bad(format!("metadata {key:?} is too large")))
     };
-    let dims = KvDims {
-        n_layers: size("n_layers")?,
-        n_kv_heads: size("n_kv_heads")?,
-        head_dim: size("head_dim")?,
-    };
+    let dims = KvDims { n_layers: size("n_layers")?, n_kv_heads: size("n_kv_heads")?, head_dim: size("head_dim")? };
     if dims.n_layers == 0 || dims.n_kv_heads == 0 || dims.head_dim == 0 {
         return Err(bad(format!("empty dimensions {dims:?}")));
     }
     if !codec.supports_head_dim(dims.head_dim) {
-        return Err(bad(format!(
-            "{codec} cannot store head_dim {}",
-            dims.head_dim
-        )));
+        return Err(bad(format!("{codec} cannot store head_dim {}", dims.head_dim)));
     }
     let checksum = get("checksum")?
         .strip_prefix(CHECKSUM_PREFIX)
@@ -368,39 +308,20 @@ struct TensorInfo {
 
 /// The tensor table must be exactly the planned one, and the file exactly
 /// header + data long.
-fn check_tensors(
-    path: &Path,
-    h: &CacheHeader,
-    mut map: BTreeMap<String, Value>,
-) -> Result<(), CacheError> {
+fn check_tensors(path: &Path, h: &CacheHeader, mut map: BTreeMap<String, Value>) -> Result<(), CacheError> {
     let bad = |reason: String| CacheError::corrupt(path, reason);
     map.remove("__metadata__");
     let per_layer = if h.codec.has_scales() { 4 } else { 2 };
-    let expected = h
-        .dims
-        .n_layers
-        .checked_mul(per_layer)
-        .and_then(|n| n.checked_add(1));
+    let expected = h.dims.n_layers.checked_mul(per_layer).and_then(|n| n.checked_add(1));
     if expected != Some(map.len()) {
-        return Err(bad(format!(
-            "{} tensors for {} layers",
-            map.len(),
-            h.dims.n_layers
-        )));
+        return Err(bad(format!("{} tensors for {} layers", map.len(), h.dims.n_layers)));
     }
     let plan = plan(h.codec, &h.dims, h.n_tokens).ok_or_else(|| bad("sizes overflow".into()))?;
     for spec in &plan.tensors {
-        let value = map
-            .remove(&spec.name)
-            .ok_or_else(|| bad(format!("tensor {} missing", spec.name)))?;
-        let info: TensorInfo =
-            serde_json::from_value(value).map_err(|e| bad(format!("tensor {}: {e}", spec.name)))?;
-        let shape_ok = info.shape.len() == spec.shape.len()
-            && info
-                .shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(&a, &b)| a == b as u64);
+        let value = map.remove(&spec.name).ok_or_else(|| bad(format!("tensor {} missing", spec.name)))?;
+        let info: TensorInfo = serde_json::from_value(value).map_err(|e| bad(format!("tensor {}: {e}", spec.name)))?;
+        let shape_ok =
+            info.shape.len() == spec.shape.len() && info.shape.iter().zip(&spec.shape).all(|(&a, &b)| a == b as u64);
         if info.dtype != spec.dtype || !shape_ok || info.data_offsets != [spec.start, spec.end] {
             return Err(bad(format!(
                 "tensor {} is {} {:?} at {:?}, expected {} {:?} at {:?}",
@@ -416,15 +337,8 @@ fn check_tensors(
     }
     let want = h.data_offset + plan.data_len;
     if h.bytes != want {
-        let what = if h.bytes < want {
-            "truncated"
-        } else {
-            "trailing bytes"
-        };
-        return Err(bad(format!(
-            "{what}: file has {} bytes, header describes {want}",
-            h.bytes
-        )));
+        let what = if h.bytes < want { "truncated" } else { "trailing bytes" };
+        return Err(bad(format!("{what}: file has {} bytes, header describes {want}", h.bytes)));
     }
     Ok(())
 }
@@ -434,10 +348,9 @@ fn check_tensors(
 fn check_file_name(path: &Path, agent: &AgentId) -> Result<(), CacheError> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     match name.strip_suffix(CACHE_SUFFIX) {
-        Some(stem) if stem != agent.as_str() => Err(CacheError::corrupt(
-            path,
-            format!("file is named for agent {stem:?} but holds agent {agent:?}"),
-        )),
+        Some(stem) if stem != agent.as_str() => {
+            Err(CacheError::corrupt(path, format!("file is named for agent {stem:?} but holds agent {agent:?}")))
+        }
         _ => Ok(()),
     }
 }
@@ -465,11 +378,7 @@ mod tests {
 
     #[test]
     fn plans_are_contiguous_and_aligned() {
-        let dims = KvDims {
-            n_layers: 3,
-            n_kv_heads: 2,
-            head_dim: 6,
-        };
+        let dims = KvDims { n_layers: 3, n_kv_heads: 2, head_dim: 6 };
         for codec in KvCodec::ALL {
             for n in [0, 1, 5, 33] {
                 let p = plan(codec, &dims, n).unwrap();
@@ -489,11 +398,7 @@ mod tests {
                 assert_eq!(p.tensors.len(), 1 + 3 * per_layer);
             }
         }
-        let huge = KvDims {
-            n_layers: 1,
-            n_kv_heads: usize::MAX / 2,
-            head_dim: 64,
-        };
+        let huge = KvDims { n_layers: 1, n_kv_heads: usize::MAX / 2, head_dim: 64 };
         assert!(plan(KvCodec::F16, &huge, usize::MAX / 4).is_none());
     }
 }

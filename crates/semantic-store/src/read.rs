@@ -48,30 +48,20 @@ pub fn load_agent_cache(
 ) -> Result<LoadedCache, CacheError> {
     let start = Instant::now();
     if !table.is_empty() {
-        return Err(CacheError::Invalid(
-            "load into a non-empty block table".into(),
-        ));
+        return Err(CacheError::Invalid("load into a non-empty block table".into()));
     }
     let (mut file, header) = open_checked(path, expected, &pool.layout().into())?;
     let needed = pool.layout().blocks_for(header.n_tokens);
     if !pool.ensure_capacity(table, header.n_tokens) {
-        return Err(CacheError::PoolFull {
-            needed,
-            free: pool.n_free(),
-        });
+        return Err(CacheError::PoolFull { needed, free: pool.n_free() });
     }
     let read = read_body(&mut file, &header, |layer, kv, head, row| {
         pool.import_head_tokens(table.blocks(), layer, kv, head, 0, row)
     });
     match read {
-        Ok(tokens) => Ok(LoadedCache {
-            header,
-            tokens,
-            duration: start.elapsed(),
-        }),
+        Ok(tokens) => Ok(LoadedCache { header, tokens, duration: start.elapsed() }),
         Err(e) => {
-            pool.free_table(std::mem::take(table))
-                .expect("blocks allocated by this load are live");
+            pool.free_table(std::mem::take(table)).expect("blocks allocated by this load are live");
             Err(e)
         }
     }
@@ -88,22 +78,13 @@ pub fn load_agent_snapshot(
     let start = Instant::now();
     let (mut file, header) = open_checked(path, expected, dims)?;
     let mut snap = KvSnapshot::new(*dims, header.n_tokens);
-    let tokens = read_body(&mut file, &header, |layer, kv, head, row| {
-        snap.row_mut(layer, kv, head).copy_from_slice(row)
-    })?;
-    let loaded = LoadedCache {
-        header,
-        tokens,
-        duration: start.elapsed(),
-    };
+    let tokens =
+        read_body(&mut file, &header, |layer, kv, head, row| snap.row_mut(layer, kv, head).copy_from_slice(row))?;
+    let loaded = LoadedCache { header, tokens, duration: start.elapsed() };
     Ok((loaded, snap))
 }
 
-fn open_checked(
-    path: &Path,
-    expected: &ModelFingerprint,
-    dims: &KvDims,
-) -> Result<(File, CacheHeader), CacheError> {
+fn open_checked(path: &Path, expected: &ModelFingerprint, dims: &KvDims) -> Result<(File, CacheHeader), CacheError> {
     let mut file = File::open(path).map_err(|e| CacheError::io("open", path, e))?;
     let header = read_header_from(&mut file, path)?;
     if header.fingerprint != *expected {
@@ -116,10 +97,7 @@ fn open_checked(
     if header.dims != *dims {
         return Err(CacheError::corrupt(
             path,
-            format!(
-                "dimensions {:?} differ from the model's {dims:?}",
-                header.dims
-            ),
+            format!("dimensions {:?} differ from the model's {dims:?}", header.dims),
         ));
     }
     Ok((file, header))
@@ -133,12 +111,10 @@ fn read_body(
     mut sink: impl FnMut(usize, usize, usize, &[f16]),
 ) -> Result<Vec<u32>, CacheError> {
     let path = &h.path;
-    file.seek(SeekFrom::Start(h.data_offset))
-        .map_err(|e| CacheError::io("seek", path, e))?;
+    file.seek(SeekFrom::Start(h.data_offset)).map_err(|e| CacheError::io("seek", path, e))?;
     let mut hash = Xxh64::new(0);
     let mut read = |buf: &mut [u8], hash: &mut Xxh64| -> Result<(), CacheError> {
-        file.read_exact(buf)
-            .map_err(|e| CacheError::read(path, e))?;
+        file.read_exact(buf).map_err(|e| CacheError::read(path, e))?;
         hash.update(buf);
         Ok(())
     };
@@ -146,10 +122,7 @@ fn read_body(
 
     let mut bytes = vec![0u8; n * 4];
     read(&mut bytes, &mut hash)?;
-    let tokens = bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let tokens = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
 
     let n_rows = dims.n_layers * 2 * dims.n_kv_heads;
     let groups = groups_per_row(&dims, n);
@@ -159,37 +132,23 @@ fn read_body(
         for tensor in raw.chunks_mut((dims.n_kv_heads * groups * 2).max(1)) {
             read(tensor, &mut hash)?;
         }
-        scales = raw
-            .chunks_exact(2)
-            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-            .collect();
+        scales = raw.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
     }
 
-    bytes.resize(
-        n * codec.values_last_dim(dims.head_dim) * codec.values_elem_bytes(),
-        0,
-    );
+    bytes.resize(n * codec.values_last_dim(dims.head_dim) * codec.values_elem_bytes(), 0);
     let mut row = vec![f16::ZERO; n * dims.head_dim];
     let mut scratch = Vec::new();
     for r in 0..n_rows {
         read(&mut bytes, &mut hash)?;
         let row_scales = scales.get(r * groups..(r + 1) * groups).unwrap_or(&[]);
         codec.decode(&bytes, row_scales, &mut scratch, &mut row);
-        let (layer, kv, head) = (
-            r / (2 * dims.n_kv_heads),
-            r / dims.n_kv_heads % 2,
-            r % dims.n_kv_heads,
-        );
+        let (layer, kv, head) = (r / (2 * dims.n_kv_heads), r / dims.n_kv_heads % 2, r % dims.n_kv_heads);
         sink(layer, kv, head, &row);
     }
     if hash.digest() != h.checksum {
         return Err(CacheError::corrupt(
             path,
-            format!(
-                "checksum mismatch: header {:016x}, data {:016x}",
-                h.checksum,
-                hash.digest()
-            ),
+            format!("checksum mismatch: header {:016x}, data {:016x}", h.checksum, hash.digest()),
         ));
     }
     Ok(tokens)
@@ -199,9 +158,7 @@ fn read_body(
 /// `<cache-dir>/quarantine/<fingerprint>/<file>.<unix-seconds>[.<n>]`, and
 /// returns the new path. `path` is `<cache-dir>/<fingerprint>/<file>`.
 pub fn quarantine(path: &Path) -> Result<PathBuf, CacheError> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| CacheError::Invalid(format!("{} has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| CacheError::Invalid(format!("{} has no file name", path.display())))?;
     let parent = path.parent().unwrap_or(Path::new("."));
     let root = parent.parent().unwrap_or(parent);
     let mut dir = root.join("quarantine");

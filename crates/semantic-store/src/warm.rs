@@ -21,9 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use semantic_core::AgentId;
 
 use crate::format::{temp_file_pid, CACHE_SUFFIX};
-use crate::{
-    quarantine, read_header, CacheError, CacheHeader, KvCodec, ModelFingerprint, SaveStats,
-};
+use crate::{quarantine, read_header, CacheError, CacheHeader, KvCodec, ModelFingerprint, SaveStats};
 
 /// One agent's cache file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,18 +90,12 @@ pub struct WarmIndex {
 
 impl WarmIndex {
     pub fn new(fingerprint: ModelFingerprint) -> Self {
-        Self {
-            fingerprint,
-            entries: HashMap::new(),
-        }
+        Self { fingerprint, entries: HashMap::new() }
     }
 
     /// Header-only scan of `<dir>/<fingerprint>/` (see the module docs). A
     /// missing directory is an empty index.
-    pub fn scan(
-        dir: &Path,
-        fingerprint: &ModelFingerprint,
-    ) -> Result<(Self, ScanReport), CacheError> {
+    pub fn scan(dir: &Path, fingerprint: &ModelFingerprint) -> Result<(Self, ScanReport), CacheError> {
         let start = Instant::now();
         let sub = dir.join(fingerprint.as_str());
         let mut index = Self::new(*fingerprint);
@@ -125,19 +117,14 @@ impl WarmIndex {
                 report.skipped.push((path, "directory".into()));
             } else if let Some(pid) = temp_file_pid(&name) {
                 if pid == std::process::id() {
-                    report
-                        .skipped
-                        .push((path, "temp file of a live writer".into()));
+                    report.skipped.push((path, "temp file of a live writer".into()));
                 } else {
                     match fs::remove_file(&path) {
                         Ok(()) => report.removed_temps.push(path),
                         Err(e) => report.skipped.push((path, format!("remove orphan: {e}"))),
                     }
                 }
-            } else if name
-                .strip_suffix(CACHE_SUFFIX)
-                .is_some_and(|stem| AgentId::new(stem).is_ok())
-            {
+            } else if name.strip_suffix(CACHE_SUFFIX).is_some_and(|stem| AgentId::new(stem).is_ok()) {
                 index.scan_file(path, &mut report);
             } else {
                 report.skipped.push((path, "not a cache file name".into()));
@@ -168,11 +155,7 @@ impl WarmIndex {
                     Ok(to) => (Some(to), e.to_string()),
                     Err(q) => (None, format!("{e}; {q}")),
                 };
-                report.quarantined.push(Quarantined {
-                    from: path,
-                    to,
-                    reason,
-                });
+                report.quarantined.push(Quarantined { from: path, to, reason });
             }
             Err(e) => report.skipped.push((path, e.to_string())),
         }
@@ -216,11 +199,7 @@ impl WarmIndex {
     /// order in which a disk budget evicts.
     pub fn lru_order(&self) -> Vec<&WarmEntry> {
         let mut v: Vec<_> = self.entries.values().collect();
-        v.sort_by(|a, b| {
-            a.last_use
-                .cmp(&b.last_use)
-                .then_with(|| a.agent.cmp(&b.agent))
-        });
+        v.sort_by(|a, b| a.last_use.cmp(&b.last_use).then_with(|| a.agent.cmp(&b.agent)));
         v
     }
 }

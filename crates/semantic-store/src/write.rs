@@ -30,9 +30,7 @@ use semantic_core::{AgentId, BlockId};
 use semantic_kv::KvPool;
 
 use crate::checksum::Xxh64;
-use crate::format::{
-    build_header, cache_path, plan, read_header, NewHeader, Plan, CACHE_SUFFIX, TEMP_MARKER,
-};
+use crate::format::{build_header, cache_path, plan, read_header, NewHeader, Plan, CACHE_SUFFIX, TEMP_MARKER};
 use crate::{CacheError, KvCodec, KvDims, ModelFingerprint};
 
 /// Where the K/V of a save come from: the pool itself (on the engine thread)
@@ -69,8 +67,7 @@ impl KvSource for PoolSource<'_> {
 
     fn copy_row(&self, layer: usize, kv: usize, head: usize, out: &mut [f16]) {
         let n = out.len() / self.pool.layout().head_dim;
-        self.pool
-            .export_head_tokens(self.blocks, layer, kv, head, 0..n, out);
+        self.pool.export_head_tokens(self.blocks, layer, kv, head, 0..n, out);
     }
 }
 
@@ -89,11 +86,7 @@ impl KvSnapshot {
     /// A zeroed snapshot of `n_tokens` positions.
     pub fn new(dims: KvDims, n_tokens: usize) -> Self {
         let len = dims.n_layers * 2 * dims.n_kv_heads * n_tokens * dims.head_dim;
-        Self {
-            dims,
-            n_tokens,
-            data: vec![f16::ZERO; len],
-        }
+        Self { dims, n_tokens, data: vec![f16::ZERO; len] }
     }
 
     /// Copies positions `0..n_tokens` of the sequence with `blocks`.
@@ -110,14 +103,7 @@ impl KvSnapshot {
         for kv in 0..2 {
             for head in 0..self.dims.n_kv_heads {
                 let n = self.n_tokens;
-                pool.export_head_tokens(
-                    blocks,
-                    layer,
-                    kv,
-                    head,
-                    0..n,
-                    self.row_mut(layer, kv, head),
-                );
+                pool.export_head_tokens(blocks, layer, kv, head, 0..n, self.row_mut(layer, kv, head));
             }
         }
     }
@@ -211,15 +197,7 @@ pub fn write_agent_cache(
     tokens: &[u32],
     source: &dyn KvSource,
 ) -> Result<SaveStats, CacheError> {
-    write_agent_cache_with(
-        &WriteOptions::default(),
-        dir,
-        agent,
-        fingerprint,
-        codec,
-        tokens,
-        source,
-    )
+    write_agent_cache_with(&WriteOptions::default(), dir, agent, fingerprint, codec, tokens, source)
 }
 
 /// [`write_agent_cache`] with explicit [`WriteOptions`].
@@ -240,20 +218,9 @@ pub fn write_agent_cache_with(
     let new_dir = !sub.is_dir();
     fs::create_dir_all(sub).map_err(|e| CacheError::io("create dir", sub, e))?;
     let now = unix_now();
-    let created_at = read_header(&path)
-        .ok()
-        .filter(|h| h.agent == *agent)
-        .map_or(now, |h| h.created_at);
+    let created_at = read_header(&path).ok().filter(|h| h.agent == *agent).map_or(now, |h| h.created_at);
     let (header, checksum_at) = build_header(
-        &NewHeader {
-            agent,
-            fingerprint,
-            codec,
-            dims,
-            n_tokens: tokens.len(),
-            created_at,
-            updated_at: now,
-        },
+        &NewHeader { agent, fingerprint, codec, dims, n_tokens: tokens.len(), created_at, updated_at: now },
         &plan,
     );
 
@@ -263,16 +230,9 @@ pub fn write_agent_cache_with(
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| CacheError::io("create", &tmp, e))?;
-    let mut sink = Sink {
-        file,
-        written: 0,
-        limit: opts.fail_after_bytes,
-    };
+    let file =
+        OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| CacheError::io("create", &tmp, e))?;
+    let mut sink = Sink { file, written: 0, limit: opts.fail_after_bytes };
     let written = write_body(&mut sink, &header, checksum_at, codec, dims, tokens, source);
     let sync_start = Instant::now();
     publish(written, sink.file, &tmp, &path)?;
@@ -292,26 +252,16 @@ pub fn write_agent_cache_with(
 }
 
 /// Refuses saves that cannot describe a cache; returns the file's plan.
-fn check_request(
-    dims: KvDims,
-    codec: KvCodec,
-    n_tokens: usize,
-    n_positions: usize,
-) -> Result<Plan, CacheError> {
+fn check_request(dims: KvDims, codec: KvCodec, n_tokens: usize, n_positions: usize) -> Result<Plan, CacheError> {
     let invalid = |why: String| Err(CacheError::Invalid(why));
     if n_positions < n_tokens {
-        return invalid(format!(
-            "{n_tokens} tokens but the source holds {n_positions} positions"
-        ));
+        return invalid(format!("{n_tokens} tokens but the source holds {n_positions} positions"));
     }
     if dims.n_layers == 0 || dims.n_kv_heads == 0 || dims.head_dim == 0 {
         return invalid(format!("empty dimensions {dims:?}"));
     }
     if !codec.supports_head_dim(dims.head_dim) {
-        return invalid(format!(
-            "{codec} needs an even head_dim, got {}",
-            dims.head_dim
-        ));
+        return invalid(format!("{codec} needs an even head_dim, got {}", dims.head_dim));
     }
     plan(codec, &dims, n_tokens).map_or_else(|| invalid("cache size overflows".into()), Ok)
 }
@@ -352,9 +302,7 @@ fn write_body(
     let mut row = vec![f16::ZERO; n * dims.head_dim];
     let (mut scratch, mut scales) = (Vec::new(), Vec::new());
     let rows = || {
-        (0..dims.n_layers).flat_map(move |l| {
-            (0..2).flat_map(move |kv| (0..dims.n_kv_heads).map(move |h| (l, kv, h)))
-        })
+        (0..dims.n_layers).flat_map(move |l| (0..2).flat_map(move |kv| (0..dims.n_kv_heads).map(move |h| (l, kv, h))))
     };
     if codec.has_scales() {
         // All scales precede all values (alignment, streaming reads), so the
@@ -371,10 +319,7 @@ fn write_body(
         }
     }
     bytes.clear();
-    bytes.resize(
-        n * codec.values_last_dim(dims.head_dim) * codec.values_elem_bytes(),
-        0,
-    );
+    bytes.resize(n * codec.values_last_dim(dims.head_dim) * codec.values_elem_bytes(), 0);
     for (layer, kv, head) in rows() {
         source.copy_row(layer, kv, head, &mut row);
         codec.encode(&row, &mut scratch, &mut bytes);
@@ -413,13 +358,9 @@ impl Sink {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CacheError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| CacheError::io("fsync dir", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CacheError::io("fsync dir", dir, e))
 }
 
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -25,15 +25,8 @@ fn fixture(codec: KvCodec) -> Fixture {
     let n = 21;
     let (mut pool, table, skip) = filled_pool(small(4), n, 17, 1);
     let tokens = tokens(n, 4);
-    let stats = write_agent_cache(
-        &root,
-        &agent("f"),
-        &fp(),
-        codec,
-        &tokens,
-        &PoolSource::new(&pool, table.blocks()),
-    )
-    .unwrap();
+    let stats =
+        write_agent_cache(&root, &agent("f"), &fp(), codec, &tokens, &PoolSource::new(&pool, table.blocks())).unwrap();
     // What a clean load gives (the original K/V only for f16).
     let (_, rows) = try_load(&stats.path).unwrap();
     if codec == KvCodec::F16 {
@@ -42,14 +35,7 @@ fn fixture(codec: KvCodec) -> Fixture {
     pool.free_table(table).unwrap();
     pool.free_table(skip).unwrap();
     let bytes = std::fs::read(&stats.path).unwrap();
-    Fixture {
-        _dir: dir,
-        root,
-        path: stats.path,
-        bytes,
-        tokens,
-        rows,
-    }
+    Fixture { _dir: dir, root, path: stats.path, bytes, tokens, rows }
 }
 
 /// Loads `path` into a fresh pool; on error checks that nothing leaked.
@@ -75,10 +61,7 @@ fn try_load(path: &Path) -> Result<(Vec<u32>, Vec<Vec<u16>>), CacheError> {
 fn patch(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
     assert_eq!(from.len(), to.len());
     let mut out = bytes.to_vec();
-    let at = out
-        .windows(from.len())
-        .position(|w| w == from.as_bytes())
-        .unwrap();
+    let at = out.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
     out[at..at + from.len()].copy_from_slice(to.as_bytes());
     out
 }
@@ -93,14 +76,8 @@ fn truncation_anywhere_is_corrupt() {
         for cut in cuts {
             std::fs::write(&f.path, &f.bytes[..cut]).unwrap();
             let err = try_load(&f.path).unwrap_err();
-            assert!(
-                matches!(err, CacheError::Corrupt { .. }),
-                "{codec} cut at {cut}: {err}"
-            );
-            assert!(
-                read_header(&f.path).is_err(),
-                "the header alone already sees it"
-            );
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{codec} cut at {cut}: {err}");
+            assert!(read_header(&f.path).is_err(), "the header alone already sees it");
         }
         // Trailing garbage is as bad as a missing tail.
         let mut longer = f.bytes.clone();
@@ -139,9 +116,7 @@ fn bit_flips_are_caught_or_harmless() {
                 }
             }
         }
-        eprintln!(
-            "{codec}: {caught} flips caught, {harmless} harmless (header padding/timestamps)"
-        );
+        eprintln!("{codec}: {caught} flips caught, {harmless} harmless (header padding/timestamps)");
     }
 }
 
@@ -153,42 +128,21 @@ fn foreign_and_future_files_are_typed_and_quarantined() {
     let mut t = BlockTable::default();
     let err = load_agent_cache(&f.path, &other, &mut pool, &mut t).unwrap_err();
     match &err {
-        CacheError::ForeignModel {
-            expected, found, ..
-        } => {
+        CacheError::ForeignModel { expected, found, .. } => {
             assert_eq!((expected, found.as_str()), (&other, "b179c9523d0e6a0f"))
         }
         e => panic!("{e}"),
     }
     assert!(err.should_quarantine() && t.is_empty() && pool.n_free() == 8);
 
-    std::fs::write(
-        &f.path,
-        patch(
-            &f.bytes,
-            "\"format_version\":\"1\"",
-            "\"format_version\":\"2\"",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&f.path, patch(&f.bytes, "\"format_version\":\"1\"", "\"format_version\":\"2\"")).unwrap();
     let err = try_load(&f.path).unwrap_err();
-    assert!(
-        matches!(&err, CacheError::Version { found, supported: 1, .. } if found == "2"),
-        "{err}"
-    );
+    assert!(matches!(&err, CacheError::Version { found, supported: 1, .. } if found == "2"), "{err}");
 
     let moved = quarantine(&f.path).unwrap();
     assert!(!f.path.exists());
-    assert_eq!(
-        moved.parent().unwrap(),
-        f.root.join("quarantine").join(fp().as_str())
-    );
-    assert!(moved
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .starts_with("f.safetensors."));
+    assert_eq!(moved.parent().unwrap(), f.root.join("quarantine").join(fp().as_str()));
+    assert!(moved.file_name().unwrap().to_str().unwrap().starts_with("f.safetensors."));
     // The same name again gets a fresh quarantine name.
     std::fs::write(&f.path, b"junk").unwrap();
     let again = quarantine(&f.path).unwrap();
@@ -196,11 +150,7 @@ fn foreign_and_future_files_are_typed_and_quarantined() {
     assert!(moved.exists() && again.exists());
 
     // Not a safetensors file at all; a header that is JSON but not ours.
-    for junk in [
-        &b"hello"[..],
-        b"\x05\0\0\0\0\0\0\0{}   ",
-        b"\x02\0\0\0\0\0\0\0{}",
-    ] {
+    for junk in [&b"hello"[..], b"\x05\0\0\0\0\0\0\0{}   ", b"\x02\0\0\0\0\0\0\0{}"] {
         std::fs::write(&f.path, junk).unwrap();
         let err = try_load(&f.path).unwrap_err();
         assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
@@ -217,41 +167,14 @@ fn disk_full_leaves_no_partial_file() {
     let src = PoolSource::new(&pool, table.blocks());
     let a = agent("full");
     let sub = dir.path().join(fp().as_str());
-    let size = write_agent_cache(
-        dir.path(),
-        &agent("probe"),
-        &fp(),
-        KvCodec::Q8_0,
-        &tokens(n, 1),
-        &src,
-    )
-    .unwrap()
-    .bytes;
+    let size = write_agent_cache(dir.path(), &agent("probe"), &fp(), KvCodec::Q8_0, &tokens(n, 1), &src).unwrap().bytes;
     std::fs::remove_file(sub.join("probe.safetensors")).unwrap();
     for (round, fail_at) in [0, 1, 8, 100, size / 2, size - 1].into_iter().enumerate() {
-        let opts = WriteOptions {
-            fail_after_bytes: Some(fail_at),
-        };
-        let err = write_agent_cache_with(
-            &opts,
-            dir.path(),
-            &a,
-            &fp(),
-            KvCodec::Q8_0,
-            &tokens(n, 1),
-            &src,
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, CacheError::DiskFull { .. }),
-            "fail at {fail_at}: {err}"
-        );
+        let opts = WriteOptions { fail_after_bytes: Some(fail_at) };
+        let err = write_agent_cache_with(&opts, dir.path(), &a, &fp(), KvCodec::Q8_0, &tokens(n, 1), &src).unwrap_err();
+        assert!(matches!(err, CacheError::DiskFull { .. }), "fail at {fail_at}: {err}");
         assert!(err.to_string().contains("disk full"), "{err}");
-        let want: &[&str] = if round < 3 {
-            &[]
-        } else {
-            &["full.safetensors"]
-        };
+        let want: &[&str] = if round < 3 { &[] } else { &["full.safetensors"] };
         assert_eq!(ls(&sub), want, "fail at {fail_at}");
         if round == 2 {
             // From now on an older complete file exists.
@@ -259,24 +182,9 @@ fn disk_full_leaves_no_partial_file() {
         }
     }
     let (tokens_back, _) = try_load(&sub.join("full.safetensors")).unwrap();
-    assert_eq!(
-        tokens_back,
-        tokens(5, 9),
-        "the old file survived every failed save"
-    );
-    let ok = WriteOptions {
-        fail_after_bytes: Some(size),
-    };
-    write_agent_cache_with(
-        &ok,
-        dir.path(),
-        &a,
-        &fp(),
-        KvCodec::Q8_0,
-        &tokens(n, 1),
-        &src,
-    )
-    .unwrap();
+    assert_eq!(tokens_back, tokens(5, 9), "the old file survived every failed save");
+    let ok = WriteOptions { fail_after_bytes: Some(size) };
+    write_agent_cache_with(&ok, dir.path(), &a, &fp(), KvCodec::Q8_0, &tokens(n, 1), &src).unwrap();
     pool.free_table(table).unwrap();
     pool.free_table(skip).unwrap();
 }
@@ -308,26 +216,10 @@ fn real_enospc_on_a_small_tmpfs() {
     // 2 layers x 2 x 2 heads x 8 dims x 2 bytes = 128 B/token: 16K tokens = 2 MiB.
     let n = 16_384;
     let snap = KvSnapshot::new(KvDims::from(&small(4)), n);
-    let err = write_agent_cache(
-        &mnt,
-        &agent("big"),
-        &fp(),
-        KvCodec::F16,
-        &tokens(n, 1),
-        &snap,
-    )
-    .unwrap_err();
+    let err = write_agent_cache(&mnt, &agent("big"), &fp(), KvCodec::F16, &tokens(n, 1), &snap).unwrap_err();
     assert!(matches!(err, CacheError::DiskFull { .. }), "{err}");
     assert_eq!(ls(&mnt.join(fp().as_str())), Vec::<String>::new());
     // The space came back: a small save still fits.
-    write_agent_cache(
-        &mnt,
-        &agent("small"),
-        &fp(),
-        KvCodec::F16,
-        &tokens(100, 1),
-        &snap,
-    )
-    .unwrap();
+    write_agent_cache(&mnt, &agent("small"), &fp(), KvCodec::F16, &tokens(100, 1), &snap).unwrap();
     eprintln!("tmpfs ENOSPC: {err}");
 }

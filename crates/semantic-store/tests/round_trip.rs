@@ -18,25 +18,11 @@ fn f16_round_trip_is_bit_exact_across_block_sizes() {
     let (mut pool, table, skip) = filled_pool(small(4), n, 1, 3);
     let toks = tokens(n, 2);
     let a = agent("coder-1");
-    let stats = write_agent_cache(
-        dir.path(),
-        &a,
-        &fp(),
-        KvCodec::F16,
-        &toks,
-        &PoolSource::new(&pool, table.blocks()),
-    )
-    .unwrap();
-    assert_eq!(
-        stats.path,
-        dir.path().join("b179c9523d0e6a0f/coder-1.safetensors")
-    );
+    let stats =
+        write_agent_cache(dir.path(), &a, &fp(), KvCodec::F16, &toks, &PoolSource::new(&pool, table.blocks())).unwrap();
+    assert_eq!(stats.path, dir.path().join("b179c9523d0e6a0f/coder-1.safetensors"));
     assert_eq!(stats.bytes, std::fs::metadata(&stats.path).unwrap().len());
-    assert_eq!(
-        ls(&dir.path().join("b179c9523d0e6a0f")),
-        ["coder-1.safetensors"],
-        "no temp left"
-    );
+    assert_eq!(ls(&dir.path().join("b179c9523d0e6a0f")), ["coder-1.safetensors"], "no temp left");
 
     let mut other = KvPool::new(small(16), 8);
     let mut hold = BlockTable::default();
@@ -45,21 +31,12 @@ fn f16_round_trip_is_bit_exact_across_block_sizes() {
     let loaded = load_agent_cache(&stats.path, &fp(), &mut other, &mut t2).unwrap();
     assert_eq!(loaded.tokens, toks);
     assert_eq!(t2.len(), 3);
-    assert_eq!(
-        bits(&export(&other, &t2, n)),
-        bits(&export(&pool, &table, n))
-    );
+    assert_eq!(bits(&export(&other, &t2, n)), bits(&export(&pool, &table, n)));
     let h = &loaded.header;
-    assert_eq!(
-        (h.agent.as_str(), h.codec, h.n_tokens),
-        ("coder-1", KvCodec::F16, n)
-    );
+    assert_eq!((h.agent.as_str(), h.codec, h.n_tokens), ("coder-1", KvCodec::F16, n));
     assert_eq!(h.dims, KvDims::from(&small(1)));
     assert!(h.created_at <= h.updated_at && h.updated_at > 1_600_000_000);
-    assert_eq!(
-        stats.bytes as usize,
-        read_header(&stats.path).unwrap().bytes as usize
-    );
+    assert_eq!(stats.bytes as usize, read_header(&stats.path).unwrap().bytes as usize);
     // 2 layers x K,V x 2 heads x 37 x 8 x 2 bytes + 37 tokens x 4 + header.
     assert!(stats.bytes as usize > 2 * 2 * 2 * n * 8 * 2 + 4 * n);
 
@@ -83,23 +60,10 @@ fn arbitrary_f16_bits_survive() {
         }
     }
     snap.row_mut(0, 0, 0)[0] = f16::from_bits(0x7e01); // a NaN payload
-    let stats = write_agent_cache(
-        dir.path(),
-        &agent("a"),
-        &fp(),
-        KvCodec::F16,
-        &tokens(n, 1),
-        &snap,
-    )
-    .unwrap();
+    let stats = write_agent_cache(dir.path(), &agent("a"), &fp(), KvCodec::F16, &tokens(n, 1), &snap).unwrap();
     let (_, back) = load_agent_snapshot(&stats.path, &fp(), &KvDims::from(&l)).unwrap();
     for (layer, kv, head) in rows(&l) {
-        let b = |s: &KvSnapshot| {
-            s.row(layer, kv, head)
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>()
-        };
+        let b = |s: &KvSnapshot| s.row(layer, kv, head).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(b(&back), b(&snap));
     }
 }
@@ -110,10 +74,7 @@ fn arbitrary_f16_bits_survive() {
 #[test]
 fn quantized_codecs_round_trip_within_their_bounds() {
     for head_dim in [8, 64] {
-        let l = KvLayout {
-            head_dim,
-            ..small(16)
-        };
+        let l = KvLayout { head_dim, ..small(16) };
         let n = 45;
         let (mut pool, table, skip) = filled_pool(l, n, 9, 0);
         let want = export(&pool, &table, n);
@@ -121,15 +82,7 @@ fn quantized_codecs_round_trip_within_their_bounds() {
         let mut sizes = Vec::new();
         for codec in KvCodec::ALL {
             let src = PoolSource::new(&pool, table.blocks());
-            let stats = write_agent_cache(
-                dir.path(),
-                &agent(codec.name()),
-                &fp(),
-                codec,
-                &tokens(n, 3),
-                &src,
-            )
-            .unwrap();
+            let stats = write_agent_cache(dir.path(), &agent(codec.name()), &fp(), codec, &tokens(n, 3), &src).unwrap();
             sizes.push(stats.bytes);
             let mut dst = KvPool::new(KvLayout { block_size: 7, ..l }, 16);
             let mut t = BlockTable::default();
@@ -142,18 +95,12 @@ fn quantized_codecs_round_trip_within_their_bounds() {
                     let m = wg.iter().fold(0.0f32, |m, x| m.max(x.to_f32().abs()));
                     for (x, y) in wg.iter().zip(gg) {
                         let err = (x.to_f32() - y.to_f32()).abs();
-                        assert!(
-                            err <= codec.max_abs_error(m),
-                            "{codec} dim {head_dim}: {x} -> {y}, group max {m}"
-                        );
+                        assert!(err <= codec.max_abs_error(m), "{codec} dim {head_dim}: {x} -> {y}, group max {m}");
                         worst = worst.max(err / m.max(1e-6));
                     }
                 }
             }
-            eprintln!(
-                "{codec} head_dim {head_dim}: {} bytes, worst |err| / group max {worst:.4}",
-                stats.bytes
-            );
+            eprintln!("{codec} head_dim {head_dim}: {} bytes, worst |err| / group max {worst:.4}", stats.bytes);
             dst.free_table(t).unwrap();
         }
         assert!(sizes[0] > sizes[1] && sizes[1] > sizes[2], "{sizes:?}");
@@ -167,10 +114,7 @@ fn quantized_codecs_round_trip_within_their_bounds() {
 #[test]
 fn files_are_standard_safetensors() {
     let dir = tempfile::tempdir().unwrap();
-    let l = KvLayout {
-        head_dim: 64,
-        ..small(16)
-    };
+    let l = KvLayout { head_dim: 64, ..small(16) };
     let n = 20;
     let (mut pool, table, skip) = filled_pool(l, n, 4, 1);
     let toks = tokens(n, 8);
@@ -185,23 +129,12 @@ fn files_are_standard_safetensors() {
         assert_eq!(md["agent_id"], "x");
         assert_eq!(md["kv_codec"], codec.name());
         assert_eq!(md["n_tokens"], "20");
-        assert_eq!(
-            (
-                md["n_layers"].as_str(),
-                md["n_kv_heads"].as_str(),
-                md["head_dim"].as_str()
-            ),
-            ("2", "2", "64")
-        );
+        assert_eq!((md["n_layers"].as_str(), md["n_kv_heads"].as_str(), md["head_dim"].as_str()), ("2", "2", "64"));
         assert!(md["checksum"].starts_with("xxh64:") && md["checksum"].len() == 22);
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let t = st.tensor("tokens").unwrap();
         assert_eq!((t.dtype(), t.shape()), (safetensors::Dtype::U32, &[n][..]));
-        let back: Vec<u32> = t
-            .data()
-            .chunks(4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let back: Vec<u32> = t.data().chunks(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
         assert_eq!(back, toks);
         let k1 = st.tensor("layers.1.k").unwrap();
         let (dtype, last) = match codec {
@@ -215,19 +148,13 @@ fn files_are_standard_safetensors() {
             assert_eq!(st.len(), 5);
             assert_eq!(n_scales, 0);
             // [head][token][dim] rows are the pool's rows, little endian.
-            let want: Vec<u8> = export(&pool, &table, n)[4..6]
-                .iter()
-                .flatten()
-                .flat_map(|x| x.to_bits().to_le_bytes())
-                .collect();
+            let want: Vec<u8> =
+                export(&pool, &table, n)[4..6].iter().flatten().flat_map(|x| x.to_bits().to_le_bytes()).collect();
             assert!(k1.data() == &want[..], "layers.1.k = rows (1, K, 0..2)");
         } else {
             assert_eq!(n_scales, 4);
             let s = st.tensor("layers.1.v.scales").unwrap();
-            assert_eq!(
-                (s.dtype(), s.shape()),
-                (safetensors::Dtype::F16, &[2, n * 64 / 32][..])
-            );
+            assert_eq!((s.dtype(), s.shape()), (safetensors::Dtype::F16, &[2, n * 64 / 32][..]));
         }
     }
     pool.free_table(table).unwrap();
@@ -243,23 +170,13 @@ fn snapshot_paths_match_the_pool_paths() {
     let n = 13;
     let (mut pool, table, skip) = filled_pool(l, n, 21, 2);
     let toks = tokens(n, 1);
-    let from_pool = write_agent_cache(
-        dir.path(),
-        &agent("p"),
-        &fp(),
-        KvCodec::F16,
-        &toks,
-        &PoolSource::new(&pool, table.blocks()),
-    )
-    .unwrap();
+    let from_pool =
+        write_agent_cache(dir.path(), &agent("p"), &fp(), KvCodec::F16, &toks, &PoolSource::new(&pool, table.blocks()))
+            .unwrap();
     let snap = KvSnapshot::from_pool(&pool, table.blocks(), n);
     assert_eq!(snap.bytes(), n * l.bytes_per_token());
-    let from_snap =
-        write_agent_cache(dir.path(), &agent("s"), &fp(), KvCodec::F16, &toks, &snap).unwrap();
-    assert_eq!(
-        read_header(&from_pool.path).unwrap().checksum,
-        read_header(&from_snap.path).unwrap().checksum
-    );
+    let from_snap = write_agent_cache(dir.path(), &agent("s"), &fp(), KvCodec::F16, &toks, &snap).unwrap();
+    assert_eq!(read_header(&from_pool.path).unwrap().checksum, read_header(&from_snap.path).unwrap().checksum);
 
     let (loaded, back) = load_agent_snapshot(&from_snap.path, &fp(), &KvDims::from(&l)).unwrap();
     assert_eq!(loaded.tokens, toks);
@@ -280,26 +197,18 @@ fn resave_replaces_the_file_and_keeps_created_at() {
     let (mut pool, table, skip) = filled_pool(small(4), 12, 3, 0);
     let a = agent("re");
     let src = PoolSource::new(&pool, table.blocks());
-    let first =
-        write_agent_cache(dir.path(), &a, &fp(), KvCodec::F16, &tokens(12, 1), &src).unwrap();
+    let first = write_agent_cache(dir.path(), &a, &fp(), KvCodec::F16, &tokens(12, 1), &src).unwrap();
     // Backdate created_at in place (same length; the checksum covers data).
     let mut bytes = std::fs::read(&first.path).unwrap();
     let h = read_header(&first.path).unwrap();
     let old = format!("\"created_at\":\"{}\"", h.created_at);
-    let at = bytes
-        .windows(old.len())
-        .position(|w| w == old.as_bytes())
-        .unwrap();
+    let at = bytes.windows(old.len()).position(|w| w == old.as_bytes()).unwrap();
     bytes[at..at + old.len()].copy_from_slice(b"\"created_at\":\"1000000000\"");
     std::fs::write(&first.path, &bytes).unwrap();
 
-    let second =
-        write_agent_cache(dir.path(), &a, &fp(), KvCodec::Q8_0, &tokens(7, 2), &src).unwrap();
+    let second = write_agent_cache(dir.path(), &a, &fp(), KvCodec::Q8_0, &tokens(7, 2), &src).unwrap();
     let h2 = read_header(&second.path).unwrap();
-    assert_eq!(
-        (h2.created_at, h2.n_tokens, h2.codec),
-        (1_000_000_000, 7, KvCodec::Q8_0)
-    );
+    assert_eq!((h2.created_at, h2.n_tokens, h2.codec), (1_000_000_000, 7, KvCodec::Q8_0));
     assert!(h2.updated_at >= h.updated_at);
     assert_eq!(ls(&dir.path().join(fp().as_str())), ["re.safetensors"]);
     pool.free_table(table).unwrap();
@@ -310,8 +219,7 @@ fn resave_replaces_the_file_and_keeps_created_at() {
 fn an_empty_cache_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let snap = KvSnapshot::new(KvDims::from(&small(4)), 0);
-    let stats =
-        write_agent_cache(dir.path(), &agent("e"), &fp(), KvCodec::Q4_0, &[], &snap).unwrap();
+    let stats = write_agent_cache(dir.path(), &agent("e"), &fp(), KvCodec::Q4_0, &[], &snap).unwrap();
     let mut pool = KvPool::new(small(4), 2);
     let mut t = BlockTable::default();
     let loaded = load_agent_cache(&stats.path, &fp(), &mut pool, &mut t).unwrap();
@@ -338,20 +246,11 @@ fn load_refusals_leave_the_table_empty_and_the_pool_unchanged() {
     let mut tiny = KvPool::new(small(4), 7);
     let mut t = BlockTable::default();
     let err = load_agent_cache(&stats.path, &fp(), &mut tiny, &mut t).unwrap_err();
-    assert!(
-        matches!(err, CacheError::PoolFull { needed: 8, free: 7 }),
-        "{err}"
-    );
+    assert!(matches!(err, CacheError::PoolFull { needed: 8, free: 7 }), "{err}");
     assert!(!err.should_quarantine());
     assert!(t.is_empty() && tiny.n_free() == 7);
 
-    let mut other_heads = KvPool::new(
-        KvLayout {
-            n_kv_heads: 3,
-            ..small(4)
-        },
-        16,
-    );
+    let mut other_heads = KvPool::new(KvLayout { n_kv_heads: 3, ..small(4) }, 16);
     let err = load_agent_cache(&stats.path, &fp(), &mut other_heads, &mut t).unwrap_err();
     assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
     assert_eq!(other_heads.n_free(), 16);
@@ -364,17 +263,8 @@ fn load_refusals_leave_the_table_empty_and_the_pool_unchanged() {
     assert_eq!(used.len(), 1);
     big.free_table(used).unwrap();
 
-    let err = load_agent_cache(
-        &dir.path().join("missing.safetensors"),
-        &fp(),
-        &mut big,
-        &mut t,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, CacheError::Io { .. }) && !err.should_quarantine(),
-        "{err}"
-    );
+    let err = load_agent_cache(&dir.path().join("missing.safetensors"), &fp(), &mut big, &mut t).unwrap_err();
+    assert!(matches!(err, CacheError::Io { .. }) && !err.should_quarantine(), "{err}");
     assert_eq!(big.n_free(), 16);
     pool.free_table(table).unwrap();
     pool.free_table(skip).unwrap();
@@ -384,43 +274,12 @@ fn load_refusals_leave_the_table_empty_and_the_pool_unchanged() {
 fn bad_save_requests_are_refused_without_files() {
     let dir = tempfile::tempdir().unwrap();
     let snap = KvSnapshot::new(KvDims::from(&small(4)), 5);
-    let err = write_agent_cache(
-        dir.path(),
-        &agent("a"),
-        &fp(),
-        KvCodec::F16,
-        &tokens(6, 1),
-        &snap,
-    )
-    .unwrap_err();
+    let err = write_agent_cache(dir.path(), &agent("a"), &fp(), KvCodec::F16, &tokens(6, 1), &snap).unwrap_err();
     assert!(matches!(err, CacheError::Invalid(_)), "{err}");
-    let odd = KvSnapshot::new(
-        KvDims {
-            n_layers: 1,
-            n_kv_heads: 1,
-            head_dim: 7,
-        },
-        5,
-    );
-    let err = write_agent_cache(
-        dir.path(),
-        &agent("a"),
-        &fp(),
-        KvCodec::Q4_0,
-        &tokens(5, 1),
-        &odd,
-    )
-    .unwrap_err();
+    let odd = KvSnapshot::new(KvDims { n_layers: 1, n_kv_heads: 1, head_dim: 7 }, 5);
+    let err = write_agent_cache(dir.path(), &agent("a"), &fp(), KvCodec::Q4_0, &tokens(5, 1), &odd).unwrap_err();
     assert!(matches!(err, CacheError::Invalid(_)), "{err}");
-    write_agent_cache(
-        dir.path(),
-        &agent("a"),
-        &fp(),
-        KvCodec::Q8_0,
-        &tokens(5, 1),
-        &odd,
-    )
-    .unwrap();
+    write_agent_cache(dir.path(), &agent("a"), &fp(), KvCodec::Q8_0, &tokens(5, 1), &odd).unwrap();
     assert_eq!(ls(&dir.path().join(fp().as_str())), ["a.safetensors"]);
 }
 
@@ -428,32 +287,16 @@ fn bad_save_requests_are_refused_without_files() {
 /// another agent's name is not trusted.
 #[test]
 fn agent_ids_are_validated_and_bound_to_their_file() {
-    for bad in [
-        "",
-        "../etc",
-        "a/b",
-        "a..b",
-        "..",
-        "a b",
-        "é",
-        &"x".repeat(129),
-    ] {
+    for bad in ["", "../etc", "a/b", "a..b", "..", "a b", "é", &"x".repeat(129)] {
         assert!(AgentId::new(bad).is_err(), "{bad:?}");
     }
     let dir = tempfile::tempdir().unwrap();
     let id = agent("A.b_c-9");
-    assert_eq!(
-        cache_path(dir.path(), &fp(), &id),
-        dir.path().join("b179c9523d0e6a0f/A.b_c-9.safetensors")
-    );
+    assert_eq!(cache_path(dir.path(), &fp(), &id), dir.path().join("b179c9523d0e6a0f/A.b_c-9.safetensors"));
     let snap = KvSnapshot::new(KvDims::from(&small(4)), 3);
-    let stats =
-        write_agent_cache(dir.path(), &id, &fp(), KvCodec::F16, &tokens(3, 1), &snap).unwrap();
+    let stats = write_agent_cache(dir.path(), &id, &fp(), KvCodec::F16, &tokens(3, 1), &snap).unwrap();
     let renamed = stats.path.with_file_name("other.safetensors");
     std::fs::rename(&stats.path, &renamed).unwrap();
     let err = read_header(&renamed).unwrap_err();
-    assert!(
-        matches!(err, CacheError::Corrupt { .. }) && err.should_quarantine(),
-        "{err}"
-    );
+    assert!(matches!(err, CacheError::Corrupt { .. }) && err.should_quarantine(), "{err}");
 }

@@ -17,10 +17,7 @@ fn smollm2_8k_f16_round_trip_is_exact() {
     let src = PoolSource::new(&pool, table.blocks());
     let mut saves = Vec::new();
     for _ in 0..3 {
-        saves.push(
-            write_agent_cache(dir.path(), &agent("smol"), &fp(), KvCodec::F16, &toks, &src)
-                .unwrap(),
-        );
+        saves.push(write_agent_cache(dir.path(), &agent("smol"), &fp(), KvCodec::F16, &toks, &src).unwrap());
     }
     let stats = saves.last().unwrap();
     assert_eq!(stats.bytes, std::fs::metadata(&stats.path).unwrap().len());
@@ -34,10 +31,7 @@ fn smollm2_8k_f16_round_trip_is_exact() {
         assert_eq!(loaded.tokens, toks);
         loads.push(loaded.duration);
         if loads.len() == 3 {
-            assert!(
-                bits(&export(&dst, &t, n)) == bits(&export(&pool, &table, n)),
-                "8K f16 not bit-exact"
-            );
+            assert!(bits(&export(&dst, &t, n)) == bits(&export(&pool, &table, n)), "8K f16 not bit-exact");
         }
         dst.free_table(t).unwrap();
     }
@@ -45,16 +39,8 @@ fn smollm2_8k_f16_round_trip_is_exact() {
     eprintln!(
         "SmolLM2 8K f16: {:.1} MiB; save {} ms (of which fsync {}) x3; load {} ms x3 (page cache)",
         stats.bytes as f64 / (1 << 20) as f64,
-        saves
-            .iter()
-            .map(|s| ms(s.duration))
-            .collect::<Vec<_>>()
-            .join("/"),
-        saves
-            .iter()
-            .map(|s| ms(s.fsync))
-            .collect::<Vec<_>>()
-            .join("/"),
+        saves.iter().map(|s| ms(s.duration)).collect::<Vec<_>>().join("/"),
+        saves.iter().map(|s| ms(s.fsync)).collect::<Vec<_>>().join("/"),
         loads.iter().map(|d| ms(*d)).collect::<Vec<_>>().join("/"),
     );
     pool.free_table(table).unwrap();

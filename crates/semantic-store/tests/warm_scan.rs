@@ -13,10 +13,7 @@ fn scan_indexes_good_files_removes_orphans_and_quarantines_bad_ones() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let (index, report) = WarmIndex::scan(root, &fp()).unwrap();
-    assert!(
-        index.is_empty() && report.files_seen == 0,
-        "missing dir = empty"
-    );
+    assert!(index.is_empty() && report.files_seen == 0, "missing dir = empty");
 
     let snap = KvSnapshot::new(KvDims::from(&small(4)), 10);
     let mut saved = Vec::new();
@@ -27,9 +24,7 @@ fn scan_indexes_good_files_removes_orphans_and_quarantines_bad_ones() {
         // A valid agent id that looks like a temp marker.
         ("x.tmp.5", 4, KvCodec::F16),
     ] {
-        saved.push(
-            write_agent_cache(root, &agent(name), &fp(), codec, &tokens(n, 1), &snap).unwrap(),
-        );
+        saved.push(write_agent_cache(root, &agent(name), &fp(), codec, &tokens(n, 1), &snap).unwrap());
     }
     let sub = root.join(fp().as_str());
     // A crash mid-save of another process, one of this process (live), junk.
@@ -43,23 +38,12 @@ fn scan_indexes_good_files_removes_orphans_and_quarantines_bad_ones() {
     let bytes = std::fs::read(&saved[0].path).unwrap();
     std::fs::write(sub.join("trunc.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let other = ModelFingerprint::new("00000000000000ff").unwrap();
-    let foreign = write_agent_cache(
-        root,
-        &agent("alien"),
-        &other,
-        KvCodec::F16,
-        &tokens(2, 1),
-        &snap,
-    )
-    .unwrap();
+    let foreign = write_agent_cache(root, &agent("alien"), &other, KvCodec::F16, &tokens(2, 1), &snap).unwrap();
     std::fs::rename(&foreign.path, sub.join("alien.safetensors")).unwrap();
 
     let (index, report) = WarmIndex::scan(root, &fp()).unwrap();
     assert_eq!(report.files_seen, 11);
-    let mut agents: Vec<_> = index
-        .iter()
-        .map(|e| (e.agent.to_string(), e.n_tokens, e.codec))
-        .collect();
+    let mut agents: Vec<_> = index.iter().map(|e| (e.agent.to_string(), e.n_tokens, e.codec)).collect();
     agents.sort_by_key(|a| a.0.clone());
     assert_eq!(
         agents,
@@ -72,34 +56,16 @@ fn scan_indexes_good_files_removes_orphans_and_quarantines_bad_ones() {
     );
     let a = index.get(&agent("a")).unwrap();
     assert_eq!((a.bytes, &a.path), (saved[0].bytes, &saved[0].path));
-    assert_eq!(
-        index.total_bytes(),
-        saved.iter().map(|s| s.bytes).sum::<u64>()
-    );
+    assert_eq!(index.total_bytes(), saved.iter().map(|s| s.bytes).sum::<u64>());
     let mut removed = report.removed_temps.clone();
     removed.sort();
-    assert_eq!(
-        removed,
-        [
-            sub.join("a.safetensors.tmp.4000000000.0"),
-            sub.join("x.tmp.5.safetensors.tmp.4000000001.3")
-        ]
-    );
-    let mut q: Vec<_> = report
-        .quarantined
-        .iter()
-        .map(|q| q.from.file_name().unwrap().to_str().unwrap().to_owned())
-        .collect();
+    assert_eq!(removed, [sub.join("a.safetensors.tmp.4000000000.0"), sub.join("x.tmp.5.safetensors.tmp.4000000001.3")]);
+    let mut q: Vec<_> =
+        report.quarantined.iter().map(|q| q.from.file_name().unwrap().to_str().unwrap().to_owned()).collect();
     q.sort();
     assert_eq!(q, ["alien.safetensors", "trunc.safetensors"]);
-    assert!(report
-        .quarantined
-        .iter()
-        .all(|q| q.to.as_ref().is_some_and(|p| p.exists())));
-    assert!(report
-        .quarantined
-        .iter()
-        .any(|q| q.reason.contains("belongs to model 00000000000000ff")));
+    assert!(report.quarantined.iter().all(|q| q.to.as_ref().is_some_and(|p| p.exists())));
+    assert!(report.quarantined.iter().any(|q| q.reason.contains("belongs to model 00000000000000ff")));
     assert_eq!(report.skipped.len(), 3, "{:?}", report.skipped);
     assert_eq!(
         ls(&sub),
@@ -117,12 +83,7 @@ fn scan_indexes_good_files_removes_orphans_and_quarantines_bad_ones() {
 
     // LRU order follows the mtimes.
     let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-    std::fs::File::options()
-        .write(true)
-        .open(&saved[2].path)
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
+    std::fs::File::options().write(true).open(&saved[2].path).unwrap().set_modified(old).unwrap();
     let (index, _) = WarmIndex::scan(root, &fp()).unwrap();
     assert_eq!(index.lru_order()[0].agent.as_str(), "c");
     assert_eq!(index.get(&agent("c")).unwrap().last_use, old);
@@ -140,20 +101,9 @@ fn scan_of_10k_files_times_the_header_path() {
     // One real save, then copies with the agent id patched (same length):
     // 10,000 fsynced saves would time the disk, not the scan.
     let t = Instant::now();
-    let first = write_agent_cache(
-        root,
-        &agent("agent-00000"),
-        &fp(),
-        KvCodec::F16,
-        &[7],
-        &snap,
-    )
-    .unwrap();
+    let first = write_agent_cache(root, &agent("agent-00000"), &fp(), KvCodec::F16, &[7], &snap).unwrap();
     let template = std::fs::read(&first.path).unwrap();
-    let at = template
-        .windows(11)
-        .position(|w| w == b"agent-00000")
-        .unwrap();
+    let at = template.windows(11).position(|w| w == b"agent-00000").unwrap();
     let sub = root.join(fp().as_str());
     for i in 1..10_000 {
         let name = format!("agent-{i:05}");

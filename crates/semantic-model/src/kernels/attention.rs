@@ -64,18 +64,8 @@ struct Item {
 /// busy (decode of one sequence has only `n_kv_heads` items).
 pub const SPLIT_KEYS: usize = 256;
 
-fn plan_items(
-    seqs: &[AttnSeq<'_>],
-    shape: AttnShape,
-    threads: usize,
-    bs: usize,
-    split: bool,
-) -> Vec<Item> {
-    let base: usize = seqs
-        .iter()
-        .map(|s| s.n_new.div_ceil(QUERY_TILE))
-        .sum::<usize>()
-        * shape.n_kv_heads;
+fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, bs: usize, split: bool) -> Vec<Item> {
+    let base: usize = seqs.iter().map(|s| s.n_new.div_ceil(QUERY_TILE)).sum::<usize>() * shape.n_kv_heads;
     let mut items = Vec::new();
     let mut parts = 0;
     for (si, s) in seqs.iter().enumerate() {
@@ -83,37 +73,17 @@ fn plan_items(
             let nt = (s.n_new - t0).min(QUERY_TILE);
             let n_keys = s.start_pos + t0 + nt;
             // Split single-token items of long sequences when items are few.
-            let want = if split && nt == 1 && base < 2 * threads {
-                (4 * threads).div_ceil(base)
-            } else {
-                1
-            };
+            let want = if split && nt == 1 && base < 2 * threads { (4 * threads).div_ceil(base) } else { 1 };
             let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
             let span = n_keys.div_ceil(n_split).next_multiple_of(bs);
             for g in 0..shape.n_kv_heads {
                 if n_split == 1 {
-                    items.push(Item {
-                        seq: si,
-                        t0,
-                        nt,
-                        kv_head: g,
-                        k0: 0,
-                        k1: n_keys,
-                        part: None,
-                    });
+                    items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None });
                     continue;
                 }
                 for k0 in (0..n_keys).step_by(span) {
                     let k1 = (k0 + span).min(n_keys);
-                    items.push(Item {
-                        seq: si,
-                        t0,
-                        nt,
-                        kv_head: g,
-                        k0,
-                        k1,
-                        part: Some(parts),
-                    });
+                    items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(parts) });
                     parts += 1;
                 }
             }
@@ -146,29 +116,14 @@ pub fn paged_attention(
     let parts_ptr = SendPtr(parts.as_mut_ptr());
     let run = |it: &Item| {
         let s = &seqs[it.seq];
-        let keys = Keys {
-            pool,
-            layer,
-            kv_head: it.kv_head,
-            table: s.block_table,
-            first_key: it.k0,
-            n_keys: it.k1,
-        };
-        let rows: Vec<usize> = (0..it.nt)
-            .map(|t| (s.first_row + it.t0 + t) * width + it.kv_head * len)
-            .collect();
+        let keys = Keys { pool, layer, kv_head: it.kv_head, table: s.block_table, first_key: it.k0, n_keys: it.k1 };
+        let rows: Vec<usize> = (0..it.nt).map(|t| (s.first_row + it.t0 + t) * width + it.kv_head * len).collect();
         #[cfg(target_arch = "x86_64")]
         if simd {
-            let tile = QueryTile {
-                q,
-                rows: &rows,
-                len,
-            };
+            let tile = QueryTile { q, rows: &rows, len };
             if let Some(p) = it.part {
                 // SAFETY: each part slot belongs to exactly one item.
-                let slot = unsafe {
-                    std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), part_len)
-                };
+                let slot = unsafe { std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), part_len) };
                 let (acc, ml) = slot.split_at_mut(len);
                 // SAFETY: AVX2/FMA/F16C checked by simd_available().
                 unsafe { avx2::attend_tile(&tile, vec![acc], &keys, shape, Some(ml)) };
@@ -185,10 +140,7 @@ pub fn paged_attention(
         for (t, &off) in rows.iter().enumerate() {
             // SAFETY: as above.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), len) };
-            let k = Keys {
-                n_keys: s.start_pos + it.t0 + t + 1,
-                ..keys
-            };
+            let k = Keys { n_keys: s.start_pos + it.t0 + t + 1, ..keys };
             attend_scalar(&q[off..off + len], o, &k, shape);
         }
     };
@@ -204,13 +156,7 @@ pub fn paged_attention(
 
 /// Combines the split results of each (token, kv head):
 /// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
-fn merge_parts(
-    items: &[Item],
-    seqs: &[AttnSeq<'_>],
-    parts: &[f32],
-    out: &mut [f32],
-    shape: AttnShape,
-) {
+fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f32], shape: AttnShape) {
     let hd = shape.head_dim;
     let group = shape.n_heads / shape.n_kv_heads;
     let len = group * hd;
@@ -225,17 +171,13 @@ fn merge_parts(
         let it = items[i];
         let n = items[i..]
             .iter()
-            .take_while(|x| {
-                x.part.is_some() && x.seq == it.seq && x.t0 == it.t0 && x.kv_head == it.kv_head
-            })
+            .take_while(|x| x.part.is_some() && x.seq == it.seq && x.t0 == it.t0 && x.kv_head == it.kv_head)
             .count();
         let off = (seqs[it.seq].first_row + it.t0) * width + it.kv_head * len;
         let o = &mut out[off..off + len];
         for h in 0..group {
             let slot = |k: usize| &parts[(p0 + k) * part_len..(p0 + k + 1) * part_len];
-            let m = (0..n)
-                .map(|k| slot(k)[len + h])
-                .fold(f32::NEG_INFINITY, f32::max);
+            let m = (0..n).map(|k| slot(k)[len + h]).fold(f32::NEG_INFINITY, f32::max);
             let mut l = 0f32;
             let oh = &mut o[h * hd..(h + 1) * hd];
             oh.fill(0.0);
@@ -285,18 +227,12 @@ pub fn attend_scalar(q: &[f32], out: &mut [f32], keys: &Keys<'_>, shape: AttnSha
     let hd = shape.head_dim;
     let bs = keys.pool.layout().block_size;
     let key = |j: usize, kv: usize| -> Vec<f32> {
-        let run = keys
-            .pool
-            .run(keys.table[j / bs], keys.layer, kv, keys.kv_head);
-        run[(j % bs) * hd..(j % bs + 1) * hd]
-            .iter()
-            .map(|v| v.to_f32())
-            .collect()
+        let run = keys.pool.run(keys.table[j / bs], keys.layer, kv, keys.kv_head);
+        run[(j % bs) * hd..(j % bs + 1) * hd].iter().map(|v| v.to_f32()).collect()
     };
     for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        let scores: Vec<f32> = (0..keys.n_keys)
-            .map(|j| key(j, 0).iter().zip(qh).map(|(k, q)| k * q).sum::<f32>() * shape.scale)
-            .collect();
+        let scores: Vec<f32> =
+            (0..keys.n_keys).map(|j| key(j, 0).iter().zip(qh).map(|(k, q)| k * q).sum::<f32>() * shape.scale).collect();
         let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let p: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
         let l: f32 = p.iter().sum();
@@ -336,11 +272,7 @@ mod avx2 {
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for i in (0..a.len()).step_by(8) {
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                acc,
-            );
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
         }
         hsum(acc)
     }
@@ -397,24 +329,11 @@ mod avx2 {
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
             y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
         }
-        let y = _mm256_fmadd_ps(
-            y,
-            _mm256_mul_ps(x, x),
-            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
-        );
-        let pow2 = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
-            23,
-        );
+        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0)));
+        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
     }
 
@@ -433,15 +352,9 @@ mod avx2 {
         let nt = tile.rows.len();
         let group = tile.len / hd;
         if !hd.is_multiple_of(8) || hd > MAX_HD || bs > MAX_BLOCK || group > MAX_GROUP {
-            debug_assert!(
-                partial.is_none() && keys.first_key == 0,
-                "split items need the SIMD path"
-            );
+            debug_assert!(partial.is_none() && keys.first_key == 0, "split items need the SIMD path");
             for (t, o) in outs.iter_mut().enumerate() {
-                let k = Keys {
-                    n_keys: keys.n_keys - (nt - 1 - t),
-                    ..*keys
-                };
+                let k = Keys { n_keys: keys.n_keys - (nt - 1 - t), ..*keys };
                 super::attend_scalar(&tile.q[tile.rows[t]..tile.rows[t] + tile.len], o, &k, shape);
             }
             return;
@@ -565,52 +478,23 @@ mod tests {
     use semantic_kv::{BlockTable, KvLayout};
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     #[test]
     fn long_decodes_split_their_keys_and_prefills_do_not() {
         let table: Vec<BlockId> = (0..64).map(BlockId).collect();
-        let shape = AttnShape {
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            scale: 0.125,
-        };
-        let decode = AttnSeq {
-            block_table: &table,
-            start_pos: 999,
-            n_new: 1,
-            first_row: 0,
-        };
+        let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125 };
+        let decode = AttnSeq { block_table: &table, start_pos: 999, n_new: 1, first_row: 0 };
         let items = plan_items(&[decode], shape, 2, 16, true);
         // 3 kv heads x 3 splits of at most 336 keys, aligned to blocks.
         assert_eq!(items.len(), 9);
-        assert!(items
-            .iter()
-            .all(|i| i.part.is_some() && i.k0 % 16 == 0 && i.k1 - i.k0 <= 336));
-        assert_eq!(
-            items
-                .iter()
-                .filter(|i| i.kv_head == 0)
-                .map(|i| i.k1 - i.k0)
-                .sum::<usize>(),
-            1000
-        );
-        let prefill = AttnSeq {
-            n_new: 40,
-            start_pos: 0,
-            ..decode
-        };
-        assert!(plan_items(&[prefill], shape, 2, 16, true)
-            .iter()
-            .all(|i| i.part.is_none()));
-        assert!(plan_items(&[decode], shape, 2, 16, false)
-            .iter()
-            .all(|i| i.part.is_none()));
+        assert!(items.iter().all(|i| i.part.is_some() && i.k0 % 16 == 0 && i.k1 - i.k0 <= 336));
+        assert_eq!(items.iter().filter(|i| i.kv_head == 0).map(|i| i.k1 - i.k0).sum::<usize>(), 1000);
+        let prefill = AttnSeq { n_new: 40, start_pos: 0, ..decode };
+        assert!(plan_items(&[prefill], shape, 2, 16, true).iter().all(|i| i.part.is_none()));
+        assert!(plan_items(&[decode], shape, 2, 16, false).iter().all(|i| i.part.is_none()));
     }
 
     #[test]
@@ -629,12 +513,7 @@ mod tests {
             (8, 2, 32, 8, 600),
         ];
         for (n_heads, n_kv, hd, bs, n_tok) in cases {
-            let layout = KvLayout {
-                n_layers: 2,
-                n_kv_heads: n_kv,
-                head_dim: hd,
-                block_size: bs,
-            };
+            let layout = KvLayout { n_layers: 2, n_kv_heads: n_kv, head_dim: hd, block_size: bs };
             let mut pool = KvPool::new(layout, n_tok / bs + 8);
             // Scatter the table so blocks are not in order.
             let mut t = BlockTable::default();
@@ -647,12 +526,7 @@ mod tests {
                 let v: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed)).collect();
                 pool.write_token(table.blocks(), 1, pos, &k, &v);
             }
-            let shape = AttnShape {
-                n_heads,
-                n_kv_heads: n_kv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
+            let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
             let n_new = match n_tok {
                 90 => 40,
                 600 | 1000 => 1,
@@ -660,12 +534,7 @@ mod tests {
             };
             let q: Vec<f32> = (0..n_new * n_heads * hd).map(|_| lcg(&mut seed)).collect();
             let mut out = vec![0f32; q.len()];
-            let seq = AttnSeq {
-                block_table: table.blocks(),
-                start_pos: n_tok - n_new,
-                n_new,
-                first_row: 0,
-            };
+            let seq = AttnSeq { block_table: table.blocks(), start_pos: n_tok - n_new, n_new, first_row: 0 };
             paged_attention(&q, &mut out, &pool, 1, &[seq], shape);
             let group = n_heads / n_kv;
             for t in 0..n_new {
@@ -683,10 +552,7 @@ mod tests {
                     let mut want = vec![0f32; len];
                     attend_scalar(&q[off..off + len], &mut want, &keys, shape);
                     for (a, b) in out[off..off + len].iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() < 1e-4,
-                            "{n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}"
-                        );
+                        assert!((a - b).abs() < 1e-4, "{n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}");
                     }
                 }
             }

@@ -121,22 +121,14 @@ impl QMatrix {
                 }
             }
         }
-        Ok(Self {
-            ty,
-            rows,
-            cols,
-            data: packed,
-        })
+        Ok(Self { ty, rows, cols, data: packed })
     }
 
     /// Stacks matrices with the same type and width (e.g. Q, K and V) so one
     /// call computes all of them from one quantized input.
     pub fn concat(parts: &[QMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.ty != first.ty || p.cols != first.cols)
-        {
+        if parts.iter().any(|p| p.ty != first.ty || p.cols != first.cols) {
             return None;
         }
         let mut raw = Vec::new();
@@ -193,11 +185,9 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8A>) {
     let n = x.len() / cols;
     out.clear();
     out.resize(n * nb, BlockQ8A::ZERO);
-    let rows: Vec<(&[f32], &mut [BlockQ8A])> =
-        x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)).collect();
+    let rows: Vec<(&[f32], &mut [BlockQ8A])> = x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)).collect();
     if n >= 16 {
-        rows.into_par_iter()
-            .for_each(|(x, q)| quantize_row_q8a(x, q));
+        rows.into_par_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
     } else {
         rows.into_iter().for_each(|(x, q)| quantize_row_q8a(x, q));
     }
@@ -226,11 +216,7 @@ pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
 pub(crate) fn qmatmul_on(path: Path, w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     let nb = w.cols / QK;
     let n_x = x.len() / nb;
-    assert_eq!(
-        x.len(),
-        n_x * nb,
-        "activation blocks do not match the width"
-    );
+    assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
     assert_eq!(out.len(), n_x * w.rows, "output size");
     let groups = w.rows.div_ceil(GROUP);
     // Enough chunks to balance the threads, each with >= 16 KiB of weights
@@ -280,9 +266,7 @@ fn groups_kernel(
                 // SAFETY: `dot` came from feature detection (or a test that
                 // checked it); `wg` holds nb group blocks and rows b0..b0+t
                 // of `x` hold nb blocks each.
-                unsafe {
-                    avx2::group_tile(dot, w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res)
-                };
+                unsafe { avx2::group_tile(dot, w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res) };
             }
             if path.is_none() {
                 for lane in 0..live {
@@ -343,9 +327,7 @@ pub(crate) mod avx2 {
             Dot::Avx512
         } else if std::arch::is_x86_feature_detected!("avxvnni") {
             Dot::AvxVnni
-        } else if std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
+        } else if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
             Dot::Avx512Vnni
         } else {
             Dot::Avx2
@@ -493,14 +475,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,fma,f16c")]
-    unsafe fn tile_avx512(
-        ty: QType,
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        t: usize,
-        out: &mut [[f32; GROUP]; TILE],
-    ) {
+    unsafe fn tile_avx512(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, t: usize, out: &mut [[f32; GROUP]; TILE]) {
         match (ty, t) {
             (QType::Q4_1, 1) => group_q4_512::<1, true>(w, x, nb, out),
             (QType::Q4_1, 2) => group_q4_512::<2, true>(w, x, nb, out),
@@ -547,11 +522,7 @@ pub(crate) mod avx2 {
         for i in 0..nb {
             let blk = wp.add(i * gbb);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-            let mw = if Q41 {
-                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))
-            } else {
-                dw
-            };
+            let mw = if Q41 { _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)) } else { dw };
             let mut lo = [_mm512_setzero_si512(); 4];
             let mut hi = [_mm512_setzero_si512(); 4];
             for c in 0..4 {
@@ -584,12 +555,7 @@ pub(crate) mod avx2 {
 
     /// [`group_q8`] on whole 16-row groups (offset-binary quants).
     #[inline(always)]
-    unsafe fn group_q8_512<const NA: usize>(
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        out: &mut [[f32; GROUP]; TILE],
-    ) {
+    unsafe fn group_q8_512<const NA: usize>(w: &[u8], x: &[BlockQ8A], nb: usize, out: &mut [[f32; GROUP]; TILE]) {
         let gbb = 544;
         let mut acc = [_mm512_setzero_ps(); NA];
         let wp = w.as_ptr();
@@ -625,25 +591,14 @@ pub(crate) mod avx2 {
     macro_rules! tile_fn {
         ($name:ident, $features:literal, $v:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name(
-                ty: QType,
-                w: &[u8],
-                x: &[BlockQ8A],
-                nb: usize,
-                t: usize,
-                out: &mut [[f32; GROUP]; TILE],
-            ) {
+            unsafe fn $name(ty: QType, w: &[u8], x: &[BlockQ8A], nb: usize, t: usize, out: &mut [[f32; GROUP]; TILE]) {
                 dispatch::<{ $v }>(ty, w, x, nb, t, out)
             }
         };
     }
     tile_fn!(tile_avx2, "avx2,fma,f16c", AVX2);
     tile_fn!(tile_avxvnni, "avx2,fma,f16c,avxvnni", AVXVNNI);
-    tile_fn!(
-        tile_avx512vnni,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        AVX512VNNI
-    );
+    tile_fn!(tile_avx512vnni, "avx2,fma,f16c,avx512vnni,avx512vl", AVX512VNNI);
 
     /// `acc + sum of 4 (u8 w) * (i8 a) products per 32-bit lane`.
     /// The AVX2 form goes through i16 and saturates at 2^15; callers keep
@@ -653,10 +608,7 @@ pub(crate) mod avx2 {
         match V {
             AVXVNNI => _mm256_dpbusd_avx_epi32(acc, w, a),
             AVX512VNNI => _mm256_dpbusd_epi32(acc, w, a),
-            _ => _mm256_add_epi32(
-                acc,
-                _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)),
-            ),
+            _ => _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
         }
     }
 
@@ -680,11 +632,7 @@ pub(crate) mod avx2 {
         for i in 0..nb {
             let blk = wp.add(i * gbb);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
-            let mw = if Q41 {
-                _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h) as *const __m128i))
-            } else {
-                dw
-            };
+            let mw = if Q41 { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h) as *const __m128i)) } else { dw };
             let mut lo = [_mm256_setzero_si256(); 4];
             let mut hi = [_mm256_setzero_si256(); 4];
             for c in 0..4 {
@@ -700,14 +648,8 @@ pub(crate) mod avx2 {
                     let mut s16 = _mm256_maddubs_epi16(lo[0], bcast4(aq));
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], bcast4(aq.add(16))));
                     for c in 1..4 {
-                        s16 = _mm256_add_epi16(
-                            s16,
-                            _mm256_maddubs_epi16(lo[c], bcast4(aq.add(4 * c))),
-                        );
-                        s16 = _mm256_add_epi16(
-                            s16,
-                            _mm256_maddubs_epi16(hi[c], bcast4(aq.add(16 + 4 * c))),
-                        );
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], bcast4(aq.add(4 * c))));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], bcast4(aq.add(16 + 4 * c))));
                     }
                     _mm256_madd_epi16(s16, ones)
                 } else {
@@ -810,8 +752,7 @@ pub(crate) mod avx2 {
                 let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
                 let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
                 let tie = _mm256_cmp_ps(frac, half, _CMP_EQ_OQ);
-                let away =
-                    _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0)));
+                let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0)));
                 let r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 _mm256_cvtps_epi32(_mm256_blendv_ps(r, away, tie))
             });
@@ -835,9 +776,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -846,9 +785,7 @@ mod tests {
         let mut data: Vec<u8> = (0..n).map(|_| (lcg(seed) * 127.0) as i8 as u8).collect();
         // Keep the f16 scales finite and small: rewrite them per block.
         for b in data.chunks_exact_mut(ty.block_bytes()) {
-            let d = half::f16::from_f32(0.01 + lcg(seed).abs() * 0.02)
-                .to_bits()
-                .to_le_bytes();
+            let d = half::f16::from_f32(0.01 + lcg(seed).abs() * 0.02).to_bits().to_le_bytes();
             b[..2].copy_from_slice(&d);
             if ty == QType::Q4_1 {
                 let m = half::f16::from_f32(lcg(seed) * 0.1).to_bits().to_le_bytes();
@@ -868,9 +805,7 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avxvnni") {
                 p.push(Some(Dot::AvxVnni));
             }
-            if std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
+            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
                 p.push(Some(Dot::Avx512Vnni));
             }
         }
@@ -880,18 +815,8 @@ mod tests {
     #[test]
     fn simd_matmul_equals_scalar_reference() {
         let mut seed = 7;
-        for (path, ty) in paths()
-            .into_iter()
-            .flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t)))
-        {
-            for (rows, cols, n_x) in [
-                (1, 32, 1),
-                (37, 64, 3),
-                (64, 576, 5),
-                (200, 160, 9),
-                (24, 96, 8),
-                (16, 64, 17),
-            ] {
+        for (path, ty) in paths().into_iter().flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t))) {
+            for (rows, cols, n_x) in [(1, 32, 1), (37, 64, 3), (64, 576, 5), (200, 160, 9), (24, 96, 8), (16, 64, 17)] {
                 let w = random_matrix(ty, rows, cols, &mut seed);
                 let x: Vec<f32> = (0..n_x * cols).map(|_| lcg(&mut seed)).collect();
                 let mut xq = Vec::new();
@@ -916,10 +841,7 @@ mod tests {
     /// Largest quants against the largest activations: no i16 saturation.
     #[test]
     fn extreme_values_do_not_saturate() {
-        for (path, ty) in paths()
-            .into_iter()
-            .flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t)))
-        {
+        for (path, ty) in paths().into_iter().flat_map(|p| [QType::Q4_0, QType::Q4_1, QType::Q8_0].map(|t| (p, t))) {
             let (rows, cols) = (16, 64);
             let bb = ty.block_bytes();
             let mut data = vec![0u8; rows * cols / QK * bb];
@@ -939,10 +861,7 @@ mod tests {
                 for (b, yb) in y.chunks_exact(rows).enumerate() {
                     for (r, got) in yb.iter().enumerate() {
                         let want = vec_dot_scalar(ty, &w.row(r), &xq[b * 2..b * 2 + 2]);
-                        assert!(
-                            (got - want).abs() <= 1e-3 * want.abs().max(1.0),
-                            "{path:?} {ty:?}: {got} vs {want}"
-                        );
+                        assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "{path:?} {ty:?}: {got} vs {want}");
                     }
                 }
             }

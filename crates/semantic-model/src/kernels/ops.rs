@@ -46,14 +46,8 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(n_rot: usize, base: f32, neox: bool) -> Self {
-        let inv_freq = (0..n_rot / 2)
-            .map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / n_rot as f64))
-            .collect();
-        Self {
-            n_rot,
-            neox,
-            inv_freq,
-        }
+        let inv_freq = (0..n_rot / 2).map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / n_rot as f64)).collect();
+        Self { n_rot, neox, inv_freq }
     }
 
     /// `(cos, sin)` of every frequency at `pos`, appended to `table`.
@@ -69,11 +63,7 @@ impl Rope {
         let half = self.n_rot / 2;
         for head in x.chunks_exact_mut(head_dim) {
             for (i, &(c, s)) in angles.iter().enumerate().take(half) {
-                let (a, b) = if self.neox {
-                    (i, i + half)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
+                let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * c - x1 * s;
                 head[b] = x0 * s + x1 * c;

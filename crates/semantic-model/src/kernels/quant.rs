@@ -67,13 +67,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ8A>() == 48);
 
 impl BlockQ8A {
-    pub const ZERO: Self = Self {
-        d: 0.0,
-        s: 0.0,
-        sum: 0,
-        _pad: 0,
-        qs: [0; 32],
-    };
+    pub const ZERO: Self = Self { d: 0.0, s: 0.0, sum: 0, _pad: 0, qs: [0; 32] };
 
     /// Fills `d`, `s` and `sum` from the unrounded scale and the quants.
     #[inline(always)]
@@ -187,11 +181,7 @@ pub fn vec_dot_scalar(ty: QType, w: &[u8], a: &[BlockQ8A]) -> f32 {
             }
             QType::Q8_0 => {
                 let b: BlockQ8_0 = read_block(w, i);
-                let isum =
-                    b.qs.iter()
-                        .zip(&ab.qs)
-                        .map(|(&x, &y)| x as i32 * y as i32)
-                        .sum();
+                let isum = b.qs.iter().zip(&ab.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
                 (isum, b.d.to_f32(), 0.0)
             }
         };
@@ -201,9 +191,7 @@ pub fn vec_dot_scalar(ty: QType, w: &[u8], a: &[BlockQ8A]) -> f32 {
 }
 
 fn nibble_dot(qs: &[u8; 16], a: &[i8; 32]) -> i32 {
-    (0..16)
-        .map(|j| (qs[j] & 0xf) as i32 * a[j] as i32 + (qs[j] >> 4) as i32 * a[j + 16] as i32)
-        .sum()
+    (0..16).map(|j| (qs[j] & 0xf) as i32 * a[j] as i32 + (qs[j] >> 4) as i32 * a[j + 16] as i32).sum()
 }
 
 #[cfg(test)]
@@ -213,9 +201,7 @@ mod tests {
     #[test]
     fn quantize_round_trips_within_half_a_step() {
         // Includes exact ties (x / d = k + 0.5) that must round away from zero.
-        let mut x: Vec<f32> = (0..96)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
+        let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         x[0] = 127.0;
         x[1] = 2.5;
         x[2] = -3.5;

@@ -20,12 +20,7 @@ pub fn load() -> (GgufFile, LlamaModel) {
 
 /// Runs `tokens` as one sequence in chunks of `chunk`, returning logits of
 /// every position; frees its blocks afterwards.
-pub fn logits_in_chunks(
-    model: &LlamaModel,
-    pool: &mut KvPool,
-    tokens: &[u32],
-    chunk: usize,
-) -> Vec<Vec<f32>> {
+pub fn logits_in_chunks(model: &LlamaModel, pool: &mut KvPool, tokens: &[u32], chunk: usize) -> Vec<Vec<f32>> {
     let mut table = BlockTable::default();
     assert!(pool.ensure_capacity(&mut table, tokens.len()));
     let vocab = model.config().vocab_size;

@@ -15,21 +15,11 @@ pub fn agent(s: &str) -> AgentId {
 }
 
 pub fn small(block_size: usize) -> KvLayout {
-    KvLayout {
-        n_layers: 2,
-        n_kv_heads: 2,
-        head_dim: 8,
-        block_size,
-    }
+    KvLayout { n_layers: 2, n_kv_heads: 2, head_dim: 8, block_size }
 }
 
 pub fn smollm2(block_size: usize) -> KvLayout {
-    KvLayout {
-        n_layers: 30,
-        n_kv_heads: 3,
-        head_dim: 64,
-        block_size,
-    }
+    KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size }
 }
 
 pub struct Rng(u64);
@@ -73,12 +63,7 @@ pub fn rows(l: &KvLayout) -> Vec<(usize, usize, usize)> {
 /// A pool holding one sequence of `n` positions of K/V-like values (heads
 /// of different magnitude, a few outliers). `junk` extra blocks are taken
 /// first so the sequence's block ids do not start at 0.
-pub fn filled_pool(
-    l: KvLayout,
-    n: usize,
-    seed: u64,
-    junk: usize,
-) -> (KvPool, BlockTable, BlockTable) {
+pub fn filled_pool(l: KvLayout, n: usize, seed: u64, junk: usize) -> (KvPool, BlockTable, BlockTable) {
     let mut pool = KvPool::new(l, l.blocks_for(n) + junk + 2);
     let mut skip = BlockTable::default();
     assert!(pool.ensure_capacity(&mut skip, junk * l.block_size));
@@ -110,9 +95,7 @@ pub fn export(pool: &KvPool, table: &BlockTable, n: usize) -> Vec<Vec<f16>> {
 }
 
 pub fn bits(rows: &[Vec<f16>]) -> Vec<Vec<u16>> {
-    rows.iter()
-        .map(|r| r.iter().map(|x| x.to_bits()).collect())
-        .collect()
+    rows.iter().map(|r| r.iter().map(|x| x.to_bits()).collect()).collect()
 }
 
 pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
@@ -123,9 +106,7 @@ pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
 /// Files in a directory, sorted by name.
 pub fn ls(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
         Err(_) => Vec::new(),
     };
     v.sort();
