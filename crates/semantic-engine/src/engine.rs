@@ -21,6 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::request::{EngineError, EngineRequest, TokenEvent, Usage};
 use crate::scheduler::{Blocks, Planned, Scheduler, SchedulerConfig, SeqId, SeqState};
+use crate::tiers::{IoTimes, PersistConfig, Tiers};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -34,6 +35,8 @@ pub struct EngineConfig {
     /// this many times a decode-only step (bounds inter-token latency while
     /// another agent prefills); 0 disables the cap.
     pub mixed_step_factor: f64,
+    /// The warm tier on disk; `None` keeps caches in RAM only.
+    pub persist: Option<PersistConfig>,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +47,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             hash_salt: 0,
             mixed_step_factor: 2.5,
+            persist: None,
         }
     }
 }
@@ -68,19 +72,39 @@ pub struct EngineStats {
     pub cached_agents: usize,
     pub evictions: u64,
     pub preemptions: u64,
+    /// Bytes of agent cache files on disk (warm tier).
+    pub disk_bytes: u64,
+    pub warm_agents: usize,
+    pub save_errors: u64,
     pub last_step: StepStats,
+}
+
+/// Where an agent's cache lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Blocks in the pool (maybe also on disk).
+    Hot,
+    /// Only on disk.
+    Warm,
 }
 
 /// One agent's cache as the agents API shows it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentInfo {
     pub agent: AgentId,
+    pub tier: Tier,
     pub tokens: usize,
+    /// Pool bytes when hot, file bytes when warm.
     pub bytes: usize,
+    pub disk_bytes: u64,
     pub last_use: SystemTime,
     pub hits: u64,
     /// A request of this agent is running (its cache is in use).
     pub active: bool,
+    pub pinned: bool,
+    /// The hot cache is newer than its file.
+    pub dirty: bool,
+    pub io: IoTimes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +150,7 @@ pub struct Engine {
     stats: EngineStats,
     salt: u64,
     pace: Pace,
+    tiers: Option<Tiers>,
 }
 
 /// Running estimates of step costs, to size prefill chunks next to decodes.
@@ -145,11 +170,7 @@ impl Pace {
         if st.prefill_tokens == 0 && st.decode_tokens > 0 {
             self.decode_ms = ema(self.decode_ms, ms);
         } else if st.prefill_tokens >= 16 {
-            let decode = if st.decode_tokens > 0 {
-                self.decode_ms.unwrap_or(0.0)
-            } else {
-                0.0
-            };
+            let decode = if st.decode_tokens > 0 { self.decode_ms.unwrap_or(0.0) } else { 0.0 };
             let per = ((ms - decode) / st.prefill_tokens as f64).max(1e-3);
             self.prefill_ms_per_token = ema(self.prefill_ms_per_token, per);
         }
@@ -158,18 +179,22 @@ impl Pace {
     /// Prefill tokens allowed in a step that also decodes.
     fn prefill_cap(&self) -> usize {
         match (self.decode_ms, self.prefill_ms_per_token) {
-            (Some(d), Some(p)) if self.factor > 1.0 => {
-                (((self.factor - 1.0) * d / p) as usize).max(16)
-            }
+            (Some(d), Some(p)) if self.factor > 1.0 => (((self.factor - 1.0) * d / p) as usize).max(16),
             _ => usize::MAX,
         }
     }
 }
 
 impl Engine {
-    pub fn new(model: LlamaModel, tok: Tokenizer, cfg: &EngineConfig) -> Self {
+    /// Builds the engine; with `persist`, scans the cache directory (removes
+    /// orphaned temp files, quarantines unreadable ones).
+    pub fn new(model: LlamaModel, tok: Tokenizer, cfg: &EngineConfig) -> Result<Self, EngineError> {
         let pool = KvPool::with_budget(model.kv_layout(cfg.block_size), cfg.kv_pool_bytes);
-        Self {
+        let tiers = match &cfg.persist {
+            Some(p) => Some(Tiers::open(p.clone()).map_err(|e| EngineError::Storage(e.to_string()))?),
+            None => None,
+        };
+        Ok(Self {
             model,
             tok,
             pool,
@@ -180,11 +205,9 @@ impl Engine {
             next_seq: 1,
             stats: EngineStats::default(),
             salt: cfg.hash_salt,
-            pace: Pace {
-                factor: cfg.mixed_step_factor,
-                ..Pace::default()
-            },
-        }
+            pace: Pace { factor: cfg.mixed_step_factor, ..Pace::default() },
+            tiers,
+        })
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -199,22 +222,41 @@ impl Engine {
         !self.sched.is_idle()
     }
 
+    /// Snapshot copies or saves in flight (the loop polls instead of sleeping).
+    pub fn has_background_work(&self) -> bool {
+        self.tiers.as_ref().is_some_and(Tiers::has_work)
+    }
+
+    /// One turn of background work (write-behind of agent caches).
+    pub fn pump(&mut self) {
+        if let Some(t) = &mut self.tiers {
+            t.pump(&mut self.pool);
+        }
+    }
+
+    /// Writes every dirty agent cache and waits for the disk (shutdown).
+    pub fn flush(&mut self) {
+        let Some(t) = &mut self.tiers else { return };
+        let hot: Vec<(AgentId, Vec<u32>, &BlockTable)> = self
+            .caches
+            .iter()
+            .filter_map(|(k, c)| match k {
+                CacheKey::Agent(a) => Some((a.clone(), c.tokens.clone(), &c.table)),
+                CacheKey::Preempted(_) => None,
+            })
+            .collect();
+        t.flush(&mut self.pool, &hot);
+    }
+
     /// Validates and queues a request.
-    pub fn submit(
-        &mut self,
-        req: EngineRequest,
-        events: UnboundedSender<TokenEvent>,
-    ) -> Result<(), EngineError> {
+    pub fn submit(&mut self, req: EngineRequest, events: UnboundedSender<TokenEvent>) -> Result<(), EngineError> {
         let ctx = self.model.config().context_length;
         let n = req.prompt.len();
         if n == 0 {
             return Err(EngineError::EmptyPrompt);
         }
         if n + 1 > ctx {
-            return Err(EngineError::PromptTooLong {
-                prompt: n,
-                context: ctx,
-            });
+            return Err(EngineError::PromptTooLong { prompt: n, context: ctx });
         }
         let layout = self.pool.layout();
         let need = layout.blocks_for((n + req.params.max_tokens).min(ctx));
@@ -223,17 +265,9 @@ impl Engine {
             return Err(EngineError::PoolTooSmall { need, have });
         }
         let id = self.next_seq;
-        let state = SeqState {
-            id,
-            agent: req.agent.clone(),
-            n_tokens: n,
-            n_computed: 0,
-            decoding: false,
-        };
+        let state = SeqState { id, agent: req.agent.clone(), n_tokens: n, n_computed: 0, decoding: false };
         if !self.sched.add(state) {
-            return Err(EngineError::Overloaded {
-                waiting: self.sched.n_waiting(),
-            });
+            return Err(EngineError::Overloaded { waiting: self.sched.n_waiting() });
         }
         self.next_seq += 1;
         let seq = Seq {
@@ -245,10 +279,7 @@ impl Engine {
             arrival: Instant::now(),
             admitted: false,
             n_generated: 0,
-            usage: Usage {
-                prompt_tokens: n,
-                ..Usage::default()
-            },
+            usage: Usage { prompt_tokens: n, ..Usage::default() },
             hits: 0,
             hashes: Vec::new(),
             req,
@@ -264,58 +295,95 @@ impl Engine {
             pool_blocks: self.pool.blocks().n_blocks(),
             free_blocks: self.pool.n_free(),
             block_bytes: self.pool.layout().block_bytes(),
-            cached_agents: self
-                .caches
-                .keys()
-                .filter(|k| matches!(k, CacheKey::Agent(_)))
-                .count(),
+            cached_agents: self.caches.keys().filter(|k| matches!(k, CacheKey::Agent(_))).count(),
+            disk_bytes: self.tiers.as_ref().map_or(0, Tiers::warm_bytes),
+            warm_agents: self.tiers.as_ref().map_or(0, |t| t.warm_entries().count()),
+            save_errors: self.tiers.as_ref().map_or(0, |t| t.save_errors),
             ..self.stats.clone()
         }
     }
 
     pub fn agents(&self) -> Vec<AgentInfo> {
         let bb = self.pool.layout().block_bytes();
-        let mut out: Vec<AgentInfo> = self
-            .caches
-            .iter()
-            .filter_map(|(k, c)| match k {
-                CacheKey::Agent(a) => Some(AgentInfo {
-                    agent: a.clone(),
-                    tokens: c.tokens.len(),
-                    bytes: c.table.len() * bb,
-                    last_use: c.used_at,
-                    hits: c.hits,
-                    active: false,
-                }),
-                CacheKey::Preempted(_) => None,
-            })
-            .collect();
+        let info = |agent: &AgentId, tier, tokens, bytes, last_use, hits, active| {
+            let t = self.tiers.as_ref();
+            AgentInfo {
+                agent: agent.clone(),
+                tier,
+                tokens,
+                bytes,
+                disk_bytes: t.and_then(|t| t.warm_entries().find(|e| &e.agent == agent)).map_or(0, |e| e.bytes),
+                last_use,
+                hits,
+                active,
+                pinned: t.is_some_and(|t| t.is_pinned(agent)),
+                dirty: t.is_some_and(|t| t.is_dirty(agent)),
+                io: t.and_then(|t| t.times.get(agent).copied()).unwrap_or_default(),
+            }
+        };
+        let mut out: Vec<AgentInfo> = Vec::new();
+        for (k, c) in &self.caches {
+            if let CacheKey::Agent(a) = k {
+                out.push(info(a, Tier::Hot, c.tokens.len(), c.table.len() * bb, c.used_at, c.hits, false));
+            }
+        }
         for s in self.seqs.values().filter(|s| s.admitted) {
             if let Some(a) = &s.req.agent {
-                out.push(AgentInfo {
-                    agent: a.clone(),
-                    tokens: s.tokens.len(),
-                    bytes: s.table.len() * bb,
-                    last_use: SystemTime::now(),
-                    hits: s.hits,
-                    active: true,
-                });
+                out.push(info(a, Tier::Hot, s.tokens.len(), s.table.len() * bb, SystemTime::now(), s.hits, true));
+            }
+        }
+        if let Some(t) = &self.tiers {
+            for e in t.warm_entries() {
+                if !out.iter().any(|o| o.agent == e.agent) {
+                    out.push(info(&e.agent, Tier::Warm, e.n_tokens, e.bytes as usize, e.last_use, 0, false));
+                }
             }
         }
         out.sort_by(|a, b| a.agent.cmp(&b.agent));
         out
     }
 
-    /// Drops an idle agent's hot cache; false if it has none (or is active).
-    pub fn delete_agent(&mut self, agent: &AgentId) -> bool {
-        match self.caches.remove(&CacheKey::Agent(agent.clone())) {
-            Some(c) => {
-                self.pool
-                    .free_table(c.table)
-                    .expect("cache blocks are owned");
+    /// One agent, if it has a cache anywhere.
+    pub fn agent(&self, agent: &AgentId) -> Option<AgentInfo> {
+        self.agents().into_iter().find(|a| &a.agent == agent)
+    }
+
+    /// Drops the agent's hot cache (writing it first when dirty and
+    /// `evict_only`), and unless `evict_only` also its file and pin.
+    /// Returns false when the agent had nothing; an active agent is refused.
+    pub fn delete_agent(&mut self, agent: &AgentId, evict_only: bool) -> Result<bool, EngineError> {
+        if self.seqs.values().any(|s| s.req.agent.as_ref() == Some(agent)) {
+            return Err(EngineError::AgentBusy(agent.clone()));
+        }
+        let mut found = false;
+        if let Some(c) = self.caches.remove(&CacheKey::Agent(agent.clone())) {
+            found = true;
+            if let Some(t) = &mut self.tiers {
+                if evict_only && t.is_dirty(agent) {
+                    t.save_now(agent, &c.tokens, &c.table, &mut self.pool);
+                }
+            }
+            self.pool.free_table(c.table).expect("cache blocks are owned");
+        }
+        if let Some(t) = &mut self.tiers {
+            if !evict_only {
+                found |= t.remove_file(agent);
+                t.set_pinned(agent, false);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Pins (never evicted from disk) or unpins an agent; false when the
+    /// agent has no cache or there is no disk tier.
+    pub fn set_pinned(&mut self, agent: &AgentId, pinned: bool) -> bool {
+        let known = self.agent(agent).is_some();
+        match &mut self.tiers {
+            Some(t) if known || !pinned => {
+                t.set_pinned(agent, pinned);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -331,6 +399,7 @@ impl Engine {
                 tick: &mut self.tick,
                 stats: &mut self.stats,
                 salt: self.salt,
+                tiers: self.tiers.as_mut(),
             };
             self.sched.schedule_with(&mut ctx, self.pace.prefill_cap())
         };
@@ -340,10 +409,7 @@ impl Engine {
         }
         let mut plan = StepPlan::default();
         let mut sample = Vec::with_capacity(schedule.work.len());
-        let mut step = StepStats {
-            seqs: schedule.work.len(),
-            ..StepStats::default()
-        };
+        let mut step = StepStats { seqs: schedule.work.len(), ..StepStats::default() };
         for p in &schedule.work {
             let st = self.sched.get(p.seq).expect("scheduled sequence");
             let s = &self.seqs[&p.seq];
@@ -358,11 +424,7 @@ impl Engine {
                 tokens: s.tokens[start..start + p.n_new].to_vec(),
                 start_pos: start,
                 block_table: s.table.blocks().to_vec(),
-                logits: if last {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
+                logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
             });
             sample.push(last);
         }
@@ -393,7 +455,7 @@ impl Engine {
                 if !s.admitted {
                     s.admitted = true;
                     s.usage.queue_time = s.arrival.elapsed();
-                    s.usage.computed_tokens = s.tokens.len() - s.usage.cached_hot_tokens;
+                    s.usage.computed_tokens = s.tokens.len() - s.usage.cached_tokens();
                 }
                 // Newly full blocks become shareable.
                 while s.hashes.len() < computed / bs {
@@ -432,11 +494,7 @@ impl Engine {
         };
         let logprob = s.req.logprobs.then_some(picked.logprob);
         // A send error means the client left; the next step cancels it.
-        let _ = s.events.send(TokenEvent::Token {
-            id: picked.token,
-            text,
-            logprob,
-        });
+        let _ = s.events.send(TokenEvent::Token { id: picked.token, text, logprob });
         let reason = if stopped {
             Some(FinishReason::StopString)
         } else if s.n_generated >= s.req.params.max_tokens {
@@ -452,12 +510,7 @@ impl Engine {
     }
 
     fn cancel_disconnected(&mut self) {
-        let gone: Vec<SeqId> = self
-            .seqs
-            .iter()
-            .filter(|(_, s)| s.events.is_closed())
-            .map(|(id, _)| *id)
-            .collect();
+        let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
             self.end(id, Some(FinishReason::Cancelled), None);
         }
@@ -476,29 +529,17 @@ impl Engine {
         let event = match (reason, error) {
             (_, Some(e)) => TokenEvent::Error(e),
             (Some(r), None) => {
-                let text_tail = if r == FinishReason::StopString {
-                    String::new()
-                } else {
-                    s.text.finish()
-                };
-                TokenEvent::Finished {
-                    reason: r,
-                    text_tail,
-                    usage: s.usage.clone(),
-                }
+                let text_tail = if r == FinishReason::StopString { String::new() } else { s.text.finish() };
+                TokenEvent::Finished { reason: r, text_tail, usage: s.usage.clone() }
             }
             (None, None) => TokenEvent::Error("ended without a reason".into()),
         };
         let _ = s.events.send(event);
-        self.caches
-            .remove(&CacheKey::Preempted(id))
-            .map(|c| self.pool.free_table(c.table));
+        self.caches.remove(&CacheKey::Preempted(id)).map(|c| self.pool.free_table(c.table));
         match s.req.agent.clone() {
             Some(agent) if computed > 0 => {
                 let mut table = std::mem::take(&mut s.table);
-                self.pool
-                    .truncate_table(&mut table, computed)
-                    .expect("own blocks");
+                self.pool.truncate_table(&mut table, computed).expect("own blocks");
                 self.tick += 1;
                 let cached = Cached {
                     tokens: s.tokens[..computed].to_vec(),
@@ -507,14 +548,15 @@ impl Engine {
                     used_at: SystemTime::now(),
                     hits: s.hits,
                 };
+                if let Some(t) = &mut self.tiers {
+                    let shared = self.pool.share_table(&cached.table);
+                    t.save_later(agent.clone(), cached.tokens.clone(), shared, &mut self.pool);
+                }
                 if let Some(old) = self.caches.insert(CacheKey::Agent(agent), cached) {
                     self.pool.free_table(old.table).expect("own blocks");
                 }
             }
-            _ => self
-                .pool
-                .free_table(std::mem::take(&mut s.table))
-                .expect("own blocks"),
+            _ => self.pool.free_table(std::mem::take(&mut s.table)).expect("own blocks"),
         }
     }
 }
@@ -527,6 +569,7 @@ struct BlockCtx<'a> {
     tick: &'a mut u64,
     stats: &'a mut EngineStats,
     salt: u64,
+    tiers: Option<&'a mut Tiers>,
 }
 
 impl Blocks for BlockCtx<'_> {
@@ -536,19 +579,17 @@ impl Blocks for BlockCtx<'_> {
     }
 
     fn evict_idle(&mut self) -> bool {
-        let Some(key) = self
-            .caches
-            .iter()
-            .min_by_key(|(_, c)| c.last_use)
-            .map(|(k, _)| k.clone())
-        else {
+        let Some(key) = self.caches.iter().min_by_key(|(_, c)| c.last_use).map(|(k, _)| k.clone()) else {
             return false;
         };
         let c = self.caches.remove(&key).expect("present");
         tracing::debug!(?key, tokens = c.tokens.len(), "evicting idle cache");
-        self.pool
-            .free_table(c.table)
-            .expect("cache blocks are owned");
+        if let (CacheKey::Agent(a), Some(t)) = (&key, self.tiers.as_deref_mut()) {
+            if t.is_dirty(a) {
+                t.save_now(a, &c.tokens, &c.table, self.pool);
+            }
+        }
+        self.pool.free_table(c.table).expect("cache blocks are owned");
         self.stats.evictions += 1;
         true
     }
@@ -564,9 +605,7 @@ impl Blocks for BlockCtx<'_> {
             self.pool.free_table(table).expect("own blocks");
             return 0;
         }
-        self.pool
-            .truncate_table(&mut table, n_computed)
-            .expect("own blocks");
+        self.pool.truncate_table(&mut table, n_computed).expect("own blocks");
         *self.tick += 1;
         let hits = s.hits;
         let c = Cached {
@@ -589,58 +628,57 @@ impl Blocks for BlockCtx<'_> {
         let bs = self.pool.layout().block_size;
         let s = self.seqs.get_mut(&seq).expect("queued sequence");
         let key = match &s.req.agent {
-            Some(a) if !self.caches.contains_key(&CacheKey::Preempted(seq)) => {
-                CacheKey::Agent(a.clone())
-            }
+            Some(a) if !self.caches.contains_key(&CacheKey::Preempted(seq)) => CacheKey::Agent(a.clone()),
             _ => CacheKey::Preempted(seq),
         };
         let (mut table, mut computed, mut hits) = (std::mem::take(&mut s.table), 0, s.hits);
+        let mut from_disk = false;
         if let Some(c) = self.caches.remove(&key) {
             // Verified token by token, never on a hash alone.
-            let lcp = c
-                .tokens
-                .iter()
-                .zip(&s.tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
-            self.pool
-                .free_table(std::mem::replace(&mut table, c.table))
-                .expect("own blocks");
-            self.pool
-                .truncate_table(&mut table, lcp)
-                .expect("own blocks");
+            let lcp = c.tokens.iter().zip(&s.tokens).take_while(|(a, b)| a == b).count();
+            self.pool.free_table(std::mem::replace(&mut table, c.table)).expect("own blocks");
+            self.pool.truncate_table(&mut table, lcp).expect("own blocks");
             computed = lcp;
             hits = c.hits;
+        } else if let (CacheKey::Agent(a), Some(t)) = (&key, self.tiers.as_deref_mut()) {
+            // Nothing hot: the warm tier (also after a restart).
+            if let Some((tokens, loaded)) = t.load(a, self.pool) {
+                let lcp = tokens.iter().zip(&s.tokens).take_while(|(a, b)| a == b).count();
+                self.pool.free_table(std::mem::replace(&mut table, loaded)).expect("own blocks");
+                self.pool.truncate_table(&mut table, lcp).expect("own blocks");
+                computed = lcp;
+                from_disk = true;
+            }
         }
         let shared = self.pool.match_prefix(&s.tokens, self.salt);
         if shared.len() * bs > computed {
-            self.pool
-                .free_table(std::mem::take(&mut table))
-                .expect("own blocks");
-            self.pool
-                .attach_shared(&mut table, &shared)
-                .expect("indexed blocks exist");
+            self.pool.free_table(std::mem::take(&mut table)).expect("own blocks");
+            self.pool.attach_shared(&mut table, &shared).expect("indexed blocks exist");
             computed = shared.len() * bs;
+            from_disk = false;
         }
         // At least the last prompt token is computed again (for its logits).
         computed = computed.min(s.tokens.len() - 1);
         if !self.pool.make_writable(&mut table, computed / bs) {
             computed -= computed % bs;
-            self.pool
-                .truncate_table(&mut table, computed)
-                .expect("own blocks");
+            self.pool.truncate_table(&mut table, computed).expect("own blocks");
         }
-        self.pool
-            .truncate_table(&mut table, computed)
-            .expect("own blocks");
+        self.pool.truncate_table(&mut table, computed).expect("own blocks");
         s.table = table;
         s.hashes.clear();
         for (i, chunk) in s.tokens[..computed].chunks_exact(bs).enumerate() {
             let parent = i.checked_sub(1).map(|j| s.hashes[j]);
-            s.hashes.push(block_hash(parent, chunk, self.salt));
+            let h = block_hash(parent, chunk, self.salt);
+            // Blocks loaded from disk become shareable too (no-op if known).
+            self.pool.register_block(s.table.blocks()[i], h, chunk);
+            s.hashes.push(h);
         }
         if !s.admitted {
-            s.usage.cached_hot_tokens = computed;
+            if from_disk {
+                s.usage.cached_disk_tokens = computed;
+            } else {
+                s.usage.cached_hot_tokens = computed;
+            }
             s.hits = hits + u64::from(computed > 0);
         }
         computed

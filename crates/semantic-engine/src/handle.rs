@@ -22,7 +22,13 @@ enum Command {
     },
     Stats(oneshot::Sender<EngineStats>),
     Agents(oneshot::Sender<Vec<AgentInfo>>),
-    DeleteAgent(AgentId, oneshot::Sender<bool>),
+    Agent(AgentId, oneshot::Sender<Option<AgentInfo>>),
+    DeleteAgent {
+        agent: AgentId,
+        evict_only: bool,
+        reply: oneshot::Sender<Result<bool, EngineError>>,
+    },
+    Pin(AgentId, bool, oneshot::Sender<bool>),
     Shutdown,
 }
 
@@ -64,29 +70,37 @@ impl TokenStream {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; it owns the model from now on.
-    pub fn spawn(
+    /// Starts the engine thread (see [`Self::try_spawn`]); panics if the
+    /// cache directory cannot be opened.
+    pub fn spawn(model: LlamaModel, tok: Tokenizer, name: String, cfg: EngineConfig) -> EngineHandle {
+        Self::try_spawn(model, tok, name, cfg).expect("starting the engine")
+    }
+
+    /// Starts the engine thread; it owns the model from now on. With a disk
+    /// tier configured, the cache directory is scanned first.
+    pub fn try_spawn(
         model: LlamaModel,
         tok: Tokenizer,
         name: String,
         cfg: EngineConfig,
-    ) -> EngineHandle {
+    ) -> Result<EngineHandle, EngineError> {
         let info = Arc::new(ModelInfo {
             name,
             context_length: model.config().context_length,
             vocab_size: model.config().vocab_size,
         });
+        let engine = Engine::new(model, tok, &cfg)?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("semantic-engine".into())
-            .spawn(move || run(Engine::new(model, tok, &cfg), rx))
-            .expect("spawn engine thread");
-        EngineHandle {
+            .spawn(move || run(engine, rx))
+            .map_err(|e| EngineError::Storage(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
             tx,
             info,
             next_id: Arc::new(AtomicU64::new(1)),
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
-        }
+        })
     }
 
     pub fn model_info(&self) -> &ModelInfo {
@@ -101,9 +115,7 @@ impl EngineHandle {
     pub async fn submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
         let (events, rx) = tmpsc::unbounded_channel();
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Command::Submit { req, events, reply })
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Submit { req, events, reply }).map_err(|_| EngineError::Stopped)?;
         done.await.map_err(|_| EngineError::Stopped)??;
         Ok(TokenStream { rx })
     }
@@ -112,9 +124,7 @@ impl EngineHandle {
     pub fn blocking_submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
         let (events, rx) = tmpsc::unbounded_channel();
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Command::Submit { req, events, reply })
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Submit { req, events, reply }).map_err(|_| EngineError::Stopped)?;
         done.blocking_recv().map_err(|_| EngineError::Stopped)??;
         Ok(TokenStream { rx })
     }
@@ -127,26 +137,35 @@ impl EngineHandle {
         self.ask(Command::Agents).await
     }
 
+    /// Deletes the agent's cache from RAM and disk.
     pub async fn delete_agent(&self, agent: AgentId) -> Result<bool, EngineError> {
-        self.ask(|r| Command::DeleteAgent(agent, r)).await
+        self.delete_agent_with(agent, false).await
+    }
+
+    /// `evict_only`: drop it from RAM, keep (or first write) the disk copy.
+    pub async fn delete_agent_with(&self, agent: AgentId, evict_only: bool) -> Result<bool, EngineError> {
+        self.ask(|reply| Command::DeleteAgent { agent, evict_only, reply }).await?
+    }
+
+    pub async fn agent(&self, agent: AgentId) -> Result<Option<AgentInfo>, EngineError> {
+        self.ask(|r| Command::Agent(agent, r)).await
+    }
+
+    /// Pins (never evicted from disk) or unpins; false without a disk tier
+    /// or when the agent has no cache.
+    pub async fn set_pinned(&self, agent: AgentId, pinned: bool) -> Result<bool, EngineError> {
+        self.ask(|r| Command::Pin(agent, pinned, r)).await
     }
 
     pub fn blocking_stats(&self) -> Result<EngineStats, EngineError> {
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Command::Stats(reply))
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Stats(reply)).map_err(|_| EngineError::Stopped)?;
         done.blocking_recv().map_err(|_| EngineError::Stopped)
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, EngineError> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineError> {
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(make(reply)).map_err(|_| EngineError::Stopped)?;
         done.await.map_err(|_| EngineError::Stopped)
     }
 
@@ -166,12 +185,18 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
             match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Disconnected) => return engine.flush(),
+            }
+        } else if engine.has_background_work() {
+            match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return engine.flush(),
             }
         } else {
             match rx.recv() {
                 Ok(c) => Some(c),
-                Err(_) => return,
+                Err(_) => return engine.flush(),
             }
         };
         let mut next = first;
@@ -182,6 +207,7 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
             next = rx.try_recv().ok();
         }
         engine.step();
+        engine.pump();
     }
 }
 
@@ -196,10 +222,19 @@ fn handle(engine: &mut Engine, cmd: Command) -> bool {
         Command::Agents(r) => {
             let _ = r.send(engine.agents());
         }
-        Command::DeleteAgent(a, r) => {
-            let _ = r.send(engine.delete_agent(&a));
+        Command::Agent(a, r) => {
+            let _ = r.send(engine.agent(&a));
         }
-        Command::Shutdown => return false,
+        Command::DeleteAgent { agent, evict_only, reply } => {
+            let _ = reply.send(engine.delete_agent(&agent, evict_only));
+        }
+        Command::Pin(a, pinned, r) => {
+            let _ = r.send(engine.set_pinned(&a, pinned));
+        }
+        Command::Shutdown => {
+            engine.flush();
+            return false;
+        }
     }
     true
 }

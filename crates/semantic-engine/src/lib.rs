@@ -10,8 +10,11 @@ mod engine;
 mod handle;
 pub mod request;
 pub mod scheduler;
+mod tiers;
 
-pub use engine::{AgentInfo, Engine, EngineConfig, EngineStats, StepStats};
+pub use engine::{AgentInfo, Engine, EngineConfig, EngineStats, StepStats, Tier};
 pub use handle::{EngineHandle, ModelInfo, TokenStream};
 pub use request::{EngineError, EngineRequest, TokenEvent, Usage};
 pub use scheduler::{SchedulerConfig, SeqId};
+pub use semantic_store::{KvCodec, ModelFingerprint};
+pub use tiers::{IoTimes, PersistConfig, COPY_BYTES_PER_TURN};

@@ -45,17 +45,9 @@ impl Usage {
 pub enum TokenEvent {
     /// One generated token and the text it completes (may be empty while a
     /// multi-byte character or a possible stop string is held back).
-    Token {
-        id: u32,
-        text: String,
-        logprob: Option<f32>,
-    },
+    Token { id: u32, text: String, logprob: Option<f32> },
     /// The last event of a stream.
-    Finished {
-        reason: FinishReason,
-        text_tail: String,
-        usage: Usage,
-    },
+    Finished { reason: FinishReason, text_tail: String, usage: Usage },
     /// The request failed inside the engine; the last event of a stream.
     Error(String),
 }
@@ -64,7 +56,9 @@ pub enum TokenEvent {
 pub enum EngineError {
     #[error("the server is overloaded: {waiting} requests are waiting; retry later")]
     Overloaded { waiting: usize },
-    #[error("prompt of {prompt} tokens plus at least one generated token does not fit the context of {context} tokens")]
+    #[error(
+        "prompt of {prompt} tokens plus at least one generated token does not fit the context of {context} tokens"
+    )]
     PromptTooLong { prompt: usize, context: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
@@ -72,4 +66,8 @@ pub enum EngineError {
     PoolTooSmall { need: usize, have: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("cache storage: {0}")]
+    Storage(String),
+    #[error("agent `{0}` has a request in progress")]
+    AgentBusy(AgentId),
 }

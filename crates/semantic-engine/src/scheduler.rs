@@ -68,11 +68,7 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self {
-            step_tokens: 512,
-            max_running: 16,
-            max_waiting: 256,
-        }
+        Self { step_tokens: 512, max_running: 16, max_waiting: 256 }
     }
 }
 
@@ -100,10 +96,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self {
-            cfg,
-            ..Default::default()
-        }
+        Self { cfg, ..Default::default() }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -195,12 +188,7 @@ impl Scheduler {
         if !out.work.is_empty() {
             budget = budget.min(prefill_cap.max(1));
         }
-        let mid_prefill: Vec<SeqId> = self
-            .running
-            .iter()
-            .copied()
-            .filter(|id| !self.seqs[id].decoding)
-            .collect();
+        let mid_prefill: Vec<SeqId> = self.running.iter().copied().filter(|id| !self.seqs[id].decoding).collect();
         for id in mid_prefill {
             if budget == 0 {
                 break;
@@ -226,31 +214,19 @@ impl Scheduler {
             }
             self.waiting.retain(|&w| w != id);
             self.running.push(id);
-            out.work.push(Planned {
-                seq: id,
-                n_new: chunk,
-            });
+            out.work.push(Planned { seq: id, n_new: chunk });
             budget -= chunk;
         }
         out
     }
 
-    fn plan_prefill(
-        &mut self,
-        id: SeqId,
-        budget: usize,
-        blocks: &mut dyn Blocks,
-        out: &mut StepSchedule,
-    ) -> usize {
+    fn plan_prefill(&mut self, id: SeqId, budget: usize, blocks: &mut dyn Blocks, out: &mut StepSchedule) -> usize {
         let s = &self.seqs[&id];
         let chunk = s.pending().min(budget);
         if chunk == 0 || !self.grow_or_preempt(id, s.n_computed + chunk, blocks, out) {
             return 0;
         }
-        out.work.push(Planned {
-            seq: id,
-            n_new: chunk,
-        });
+        out.work.push(Planned { seq: id, n_new: chunk });
         chunk
     }
 
@@ -258,22 +234,13 @@ impl Scheduler {
     /// running.
     fn next_admissible(&self) -> Option<SeqId> {
         let busy = |agent: &AgentId, before: usize| {
-            self.running
-                .iter()
-                .any(|r| self.seqs[r].agent.as_ref() == Some(agent))
-                || self
-                    .waiting
-                    .iter()
-                    .take(before)
-                    .any(|w| self.seqs[w].agent.as_ref() == Some(agent))
+            self.running.iter().any(|r| self.seqs[r].agent.as_ref() == Some(agent))
+                || self.waiting.iter().take(before).any(|w| self.seqs[w].agent.as_ref() == Some(agent))
         };
-        self.waiting
-            .iter()
-            .enumerate()
-            .find_map(|(pos, id)| match &self.seqs[id].agent {
-                Some(a) if busy(a, pos) => None,
-                _ => Some(*id),
-            })
+        self.waiting.iter().enumerate().find_map(|(pos, id)| match &self.seqs[id].agent {
+            Some(a) if busy(a, pos) => None,
+            _ => Some(*id),
+        })
     }
 
     fn grow_without_preempting(&mut self, id: SeqId, n: usize, blocks: &mut dyn Blocks) -> bool {
@@ -289,13 +256,7 @@ impl Scheduler {
 
     /// Grows `id` to `n` tokens, evicting idle caches and then preempting the
     /// newest running sequences (possibly `id` itself) until it fits.
-    fn grow_or_preempt(
-        &mut self,
-        id: SeqId,
-        n: usize,
-        blocks: &mut dyn Blocks,
-        out: &mut StepSchedule,
-    ) -> bool {
+    fn grow_or_preempt(&mut self, id: SeqId, n: usize, blocks: &mut dyn Blocks, out: &mut StepSchedule) -> bool {
         loop {
             if self.grow_without_preempting(id, n, blocks) {
                 return true;

@@ -15,12 +15,7 @@ struct FakeBlocks {
 
 impl FakeBlocks {
     fn new(free: usize) -> Self {
-        Self {
-            free,
-            held: HashMap::new(),
-            idle: Vec::new(),
-            log: Vec::new(),
-        }
+        Self { free, held: HashMap::new(), idle: Vec::new(), log: Vec::new() }
     }
 }
 
@@ -54,21 +49,11 @@ impl Blocks for FakeBlocks {
 }
 
 fn seq(id: SeqId, agent: Option<&str>, prompt: usize) -> SeqState {
-    SeqState {
-        id,
-        agent: agent.map(|a| AgentId::new(a).unwrap()),
-        n_tokens: prompt,
-        n_computed: 0,
-        decoding: false,
-    }
+    SeqState { id, agent: agent.map(|a| AgentId::new(a).unwrap()), n_tokens: prompt, n_computed: 0, decoding: false }
 }
 
 fn cfg(step_tokens: usize, max_running: usize) -> SchedulerConfig {
-    SchedulerConfig {
-        step_tokens,
-        max_running,
-        max_waiting: 8,
-    }
+    SchedulerConfig { step_tokens, max_running, max_waiting: 8 }
 }
 
 fn p(seq: SeqId, n_new: usize) -> Planned {
@@ -111,11 +96,7 @@ fn budget_goes_to_decodes_first_then_chunked_prefill() {
 
 #[test]
 fn max_running_and_queue_bound() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        step_tokens: 100,
-        max_running: 2,
-        max_waiting: 2,
-    });
+    let mut s = Scheduler::new(SchedulerConfig { step_tokens: 100, max_running: 2, max_waiting: 2 });
     let mut b = FakeBlocks::new(100);
     assert!(s.add(seq(1, None, 2)));
     assert!(s.add(seq(2, None, 2)));
@@ -140,11 +121,7 @@ fn one_request_per_agent_at_a_time_in_arrival_order() {
     s.add(seq(3, Some("reviewer"), 4));
     s.add(seq(4, None, 4));
     let plan = s.schedule(&mut b);
-    assert_eq!(
-        plan.work,
-        vec![p(1, 4), p(3, 4), p(4, 4)],
-        "2 waits behind 1"
-    );
+    assert_eq!(plan.work, vec![p(1, 4), p(3, 4), p(4, 4)], "2 waits behind 1");
     apply(&mut s, &plan);
     s.remove(1);
     let plan = s.schedule(&mut b);

@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use semantic_core::{AgentId, FinishReason, RequestId, SamplingParams};
-use semantic_engine::{
-    EngineConfig, EngineHandle, EngineRequest, SchedulerConfig, TokenEvent, TokenStream, Usage,
-};
+use semantic_engine::{EngineConfig, EngineHandle, EngineRequest, SchedulerConfig, TokenEvent, TokenStream, Usage};
 use semantic_model::{paths, ChatMessage, ChatTemplate, GgufFile, LlamaModel, Tokenizer};
 
 struct Fixture {
@@ -23,34 +21,23 @@ fn start(kv_pool_mb: usize, step_tokens: usize) -> Fixture {
     let cfg = EngineConfig {
         block_size: 16,
         kv_pool_bytes: kv_pool_mb << 20,
-        scheduler: SchedulerConfig {
-            step_tokens,
-            max_running: 16,
-            max_waiting: 64,
-        },
+        scheduler: SchedulerConfig { step_tokens, max_running: 16, max_waiting: 64 },
         hash_salt: 42,
         mixed_step_factor: 2.5,
+        persist: None,
     };
     let handle = EngineHandle::spawn(model, tok.clone(), "test".into(), cfg);
     Fixture { handle, tok, tpl }
 }
 
 impl Fixture {
-    fn request(
-        &self,
-        agent: Option<&str>,
-        msgs: &[ChatMessage],
-        max_tokens: usize,
-    ) -> EngineRequest {
+    fn request(&self, agent: Option<&str>, msgs: &[ChatMessage], max_tokens: usize) -> EngineRequest {
         let text = self.tpl.render(msgs, true, None).unwrap();
         EngineRequest {
             id: self.handle.next_request_id(),
             agent: agent.map(|a| AgentId::new(a).unwrap()),
             prompt: self.tok.encode(&text).unwrap(),
-            params: SamplingParams {
-                max_tokens,
-                ..Default::default()
-            },
+            params: SamplingParams { max_tokens, ..Default::default() },
             stop_ids: self.tpl.stop_token_ids(&self.tok),
             logprobs: false,
         }
@@ -66,11 +53,7 @@ fn collect(mut s: TokenStream) -> (Vec<u32>, String, FinishReason, Usage) {
                 ids.push(id);
                 text.push_str(&t);
             }
-            TokenEvent::Finished {
-                reason,
-                text_tail,
-                usage,
-            } => {
+            TokenEvent::Finished { reason, text_tail, usage } => {
                 text.push_str(&text_tail);
                 return (ids, text, reason, usage);
             }
@@ -80,46 +63,22 @@ fn collect(mut s: TokenStream) -> (Vec<u32>, String, FinishReason, Usage) {
 }
 
 fn question(i: usize) -> Vec<ChatMessage> {
-    let topics = [
-        "the moon",
-        "bread",
-        "rivers",
-        "music",
-        "volcanoes",
-        "bees",
-        "chess",
-        "snow",
-    ];
+    let topics = ["the moon", "bread", "rivers", "music", "volcanoes", "bees", "chess", "snow"];
     vec![
         ChatMessage::system(format!("You are agent {i}. Answer briefly.")),
-        ChatMessage::user(format!(
-            "Tell me one fact about {}.",
-            topics[i % topics.len()]
-        )),
+        ChatMessage::user(format!("Tell me one fact about {}.", topics[i % topics.len()])),
     ]
 }
 
 #[test]
 fn concurrent_agents_get_exactly_their_solo_outputs() {
     let f = start(256, 64);
-    let solo: Vec<Vec<u32>> = (0..5)
-        .map(|i| {
-            collect(
-                f.handle
-                    .blocking_submit(f.request(None, &question(i), 24))
-                    .unwrap(),
-            )
-            .0
-        })
-        .collect();
+    let solo: Vec<Vec<u32>> =
+        (0..5).map(|i| collect(f.handle.blocking_submit(f.request(None, &question(i), 24)).unwrap()).0).collect();
     // All five at once, as agents, with small prefill chunks so prefills and
     // decodes of different agents share steps.
     let streams: Vec<TokenStream> = (0..5)
-        .map(|i| {
-            f.handle
-                .blocking_submit(f.request(Some(&format!("agent-{i}")), &question(i), 24))
-                .unwrap()
-        })
+        .map(|i| f.handle.blocking_submit(f.request(Some(&format!("agent-{i}")), &question(i), 24)).unwrap())
         .collect();
     for (i, s) in streams.into_iter().enumerate() {
         let (ids, _, _, usage) = collect(s);
@@ -136,40 +95,24 @@ fn concurrent_agents_get_exactly_their_solo_outputs() {
 fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
     let f = start(128, 512);
     let mut msgs = question(1);
-    let (_, first, _, u1) = collect(
-        f.handle
-            .blocking_submit(f.request(Some("coder"), &msgs, 16))
-            .unwrap(),
-    );
+    let (_, first, _, u1) = collect(f.handle.blocking_submit(f.request(Some("coder"), &msgs, 16)).unwrap());
     assert_eq!(u1.cached_hot_tokens, 0);
     msgs.push(ChatMessage::assistant(first));
     msgs.push(ChatMessage::user("And one more?"));
     let warm_req = f.request(Some("coder"), &msgs, 16);
     let prompt_len = warm_req.prompt.len();
     let (warm, _, _, u2) = collect(f.handle.blocking_submit(warm_req).unwrap());
-    assert!(
-        u2.cached_hot_tokens > prompt_len / 2,
-        "reused {} of {prompt_len}",
-        u2.cached_hot_tokens
-    );
+    assert!(u2.cached_hot_tokens > prompt_len / 2, "reused {} of {prompt_len}", u2.cached_hot_tokens);
     // The same conversation cold, on a fresh engine: identical greedy output.
     let g = start(64, 512);
-    let (cold, _, _, u3) = collect(
-        g.handle
-            .blocking_submit(g.request(Some("fresh"), &msgs, 16))
-            .unwrap(),
-    );
+    let (cold, _, _, u3) = collect(g.handle.blocking_submit(g.request(Some("fresh"), &msgs, 16)).unwrap());
     g.handle.shutdown();
     assert_eq!(u3.cached_hot_tokens, 0);
     assert_eq!(warm, cold);
     // An edit in the middle reuses only the part before it.
     let mut edited = msgs.clone();
     edited[1] = ChatMessage::user("Tell me one fact about bread, please.");
-    let (_, _, _, u4) = collect(
-        f.handle
-            .blocking_submit(f.request(Some("coder"), &edited, 4))
-            .unwrap(),
-    );
+    let (_, _, _, u4) = collect(f.handle.blocking_submit(f.request(Some("coder"), &edited, 4)).unwrap());
     assert!(u4.cached_hot_tokens > 0 && u4.cached_hot_tokens < u2.cached_hot_tokens);
     f.handle.shutdown();
 }
@@ -177,10 +120,7 @@ fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
 #[test]
 fn agents_sharing_a_system_prompt_share_its_blocks() {
     let f = start(256, 512);
-    let system = format!(
-        "You are a careful assistant. {}",
-        "Follow the team rules. ".repeat(60)
-    );
+    let system = format!("You are a careful assistant. {}", "Follow the team rules. ".repeat(60));
     let ask = |q: &str| vec![ChatMessage::system(system.clone()), ChatMessage::user(q)];
     let qa = ask("What is a river?");
     let qb = ask("What is a mountain?");
@@ -191,37 +131,20 @@ fn agents_sharing_a_system_prompt_share_its_blocks() {
         out
     };
     let free0 = f.handle.blocking_stats().unwrap().free_blocks;
-    let (_, _, _, ua) = collect(
-        f.handle
-            .blocking_submit(f.request(Some("alpha"), &qa, 12))
-            .unwrap(),
-    );
+    let (_, _, _, ua) = collect(f.handle.blocking_submit(f.request(Some("alpha"), &qa, 12)).unwrap());
     let after_a = f.handle.blocking_stats().unwrap().free_blocks;
-    let (ids_b, _, _, ub) = collect(
-        f.handle
-            .blocking_submit(f.request(Some("beta"), &qb, 12))
-            .unwrap(),
-    );
+    let (ids_b, _, _, ub) = collect(f.handle.blocking_submit(f.request(Some("beta"), &qb, 12)).unwrap());
     let after_b = f.handle.blocking_stats().unwrap().free_blocks;
     assert_eq!(ids_b, alone_b, "sharing never changes the output");
     let shared = ub.cached_hot_tokens;
     assert_eq!(ua.cached_hot_tokens, 0);
-    assert!(
-        shared >= 16 * ((ua.prompt_tokens - 20) / 16),
-        "beta reused {shared} tokens"
-    );
+    assert!(shared >= 16 * ((ua.prompt_tokens - 20) / 16), "beta reused {shared} tokens");
     // Pool accounting: beta only added the blocks of its own suffix.
     let used_a = free0 - after_a;
     let used_b = after_a - after_b;
     let own_b = (ub.prompt_tokens + 12).div_ceil(16) - shared / 16;
-    assert!(
-        used_b <= own_b + 1,
-        "beta used {used_b} blocks, its suffix needs {own_b}; alpha used {used_a}"
-    );
-    assert!(
-        used_b * 4 < used_a,
-        "one copy of the system prompt: alpha {used_a}, beta {used_b}"
-    );
+    assert!(used_b <= own_b + 1, "beta used {used_b} blocks, its suffix needs {own_b}; alpha used {used_a}");
+    assert!(used_b * 4 < used_a, "one copy of the system prompt: alpha {used_a}, beta {used_b}");
     // An anonymous repeat reuses the prefix through the same index.
     let (_, _, _, uc) = collect(f.handle.blocking_submit(f.request(None, &qa, 4)).unwrap());
     assert!(uc.cached_hot_tokens >= shared);
@@ -238,10 +161,7 @@ fn cancelling_mid_prefill_and_mid_decode_frees_every_block() {
     std::thread::sleep(Duration::from_millis(30));
     drop(s);
     // Mid-decode: drop after the first tokens.
-    let mut s = f
-        .handle
-        .blocking_submit(f.request(None, &question(2), 200))
-        .unwrap();
+    let mut s = f.handle.blocking_submit(f.request(None, &question(2), 200)).unwrap();
     for _ in 0..3 {
         assert!(matches!(s.blocking_next(), Some(TokenEvent::Token { .. })));
     }
@@ -252,10 +172,7 @@ fn cancelling_mid_prefill_and_mid_decode_frees_every_block() {
         if st.running + st.waiting == 0 && st.free_blocks == free0 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "blocks not returned: {st:?}"
-        );
+        assert!(std::time::Instant::now() < deadline, "blocks not returned: {st:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     f.handle.shutdown();
@@ -268,30 +185,20 @@ fn a_pool_far_too_small_still_serves_everyone_correctly() {
     let reqs: Vec<Vec<ChatMessage>> = (0..4).map(question).collect();
     let solo: Vec<Vec<u32>> = {
         let g = start(64, 512);
-        let out = reqs
-            .iter()
-            .map(|m| collect(g.handle.blocking_submit(g.request(None, m, 12)).unwrap()).0)
-            .collect();
+        let out = reqs.iter().map(|m| collect(g.handle.blocking_submit(g.request(None, m, 12)).unwrap()).0).collect();
         g.handle.shutdown();
         out
     };
     let streams: Vec<TokenStream> = reqs
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            f.handle
-                .blocking_submit(f.request(Some(&format!("a{i}")), m, 12))
-                .unwrap()
-        })
+        .map(|(i, m)| f.handle.blocking_submit(f.request(Some(&format!("a{i}")), m, 12)).unwrap())
         .collect();
     for (i, s) in streams.into_iter().enumerate() {
         assert_eq!(collect(s).0, solo[i], "request {i}");
     }
     let st = f.handle.blocking_stats().unwrap();
-    assert!(
-        st.evictions + st.preemptions > 0,
-        "the pool forced evictions: {st:?}"
-    );
+    assert!(st.evictions + st.preemptions > 0, "the pool forced evictions: {st:?}");
     assert_eq!(st.running + st.waiting, 0);
     // Every block is free or held by an agent cache (no leak).
     let held: usize = f.handle_agents_bytes() / st.block_bytes;
@@ -322,13 +229,7 @@ trait AgentsBytes {
 
 impl AgentsBytes for Fixture {
     fn handle_agents_bytes(&self) -> usize {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(self.handle.agents())
-            .unwrap()
-            .iter()
-            .map(|a| a.bytes)
-            .sum()
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(self.handle.agents()).unwrap().iter().map(|a| a.bytes).sum()
     }
 }

@@ -1,0 +1,336 @@
+//! The warm tier: agent caches on disk, written behind by a persister thread
+//! and loaded back at admission (also after a restart).
+//!
+//! ```text
+//! request of A ends -> hot cache (pool) marked dirty -> copy job: the
+//!   engine copies a few layers per loop turn into a KvSnapshot while a
+//!   shared table keeps the blocks unchanged (writers copy-on-write)
+//!   -> persister thread: temp file, fsync, rename, dir fsync -> warm index
+//! admission of A, nothing hot -> load the file straight into pool blocks
+//! ```
+//!
+//! Invariants:
+//! - the engine step never waits on disk writes; copies are bounded per
+//!   loop turn ([`COPY_BYTES_PER_TURN`]); only evicting a dirty cache under
+//!   memory pressure copies it whole at once;
+//! - a file that fails to load (truncated, corrupt, other model, other
+//!   version) is a miss: logged, moved to `quarantine/`, never used;
+//! - the disk budget evicts least recently used files, never pinned ones.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use semantic_core::AgentId;
+use semantic_kv::{BlockTable, KvPool};
+use semantic_store::{
+    load_agent_cache, quarantine, write_agent_cache, CacheError, KvCodec, KvSnapshot, ModelFingerprint, SaveStats,
+    WarmEntry, WarmIndex,
+};
+
+/// Bytes of K/V copied into snapshots per engine loop turn (about 1-2 ms).
+pub const COPY_BYTES_PER_TURN: usize = 16 << 20;
+
+#[derive(Clone, Debug)]
+pub struct PersistConfig {
+    pub dir: PathBuf,
+    pub fingerprint: ModelFingerprint,
+    pub codec: KvCodec,
+    pub disk_budget_bytes: u64,
+}
+
+struct SaveJob {
+    agent: AgentId,
+    version: u64,
+    tokens: Vec<u32>,
+    snap: KvSnapshot,
+}
+
+struct SaveDone {
+    agent: AgentId,
+    version: u64,
+    result: Result<SaveStats, CacheError>,
+}
+
+struct CopyJob {
+    agent: AgentId,
+    version: u64,
+    tokens: Vec<u32>,
+    table: BlockTable,
+    snap: KvSnapshot,
+    next_layer: usize,
+}
+
+/// Durations and sizes of the last load and save of an agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IoTimes {
+    pub last_save: Option<(Duration, u64)>,
+    pub last_load: Option<(Duration, u64)>,
+}
+
+pub(crate) struct Tiers {
+    cfg: PersistConfig,
+    warm: WarmIndex,
+    pinned: HashSet<AgentId>,
+    /// Agent -> version of its hot cache that is not on disk yet.
+    dirty: HashMap<AgentId, u64>,
+    version: u64,
+    copying: VecDeque<CopyJob>,
+    jobs: Option<mpsc::Sender<SaveJob>>,
+    done: mpsc::Receiver<SaveDone>,
+    in_flight: usize,
+    persister: Option<JoinHandle<()>>,
+    pub(crate) times: HashMap<AgentId, IoTimes>,
+    pub(crate) save_errors: u64,
+}
+
+impl Tiers {
+    pub(crate) fn open(cfg: PersistConfig) -> Result<Self, CacheError> {
+        let (warm, report) = WarmIndex::scan(&cfg.dir, &cfg.fingerprint)?;
+        tracing::info!(
+            files = report.files_seen,
+            agents = warm.len(),
+            removed_temps = report.removed_temps.len(),
+            quarantined = report.quarantined.len(),
+            ms = report.duration.as_millis() as u64,
+            "warm index scanned"
+        );
+        let pinned = read_pins(&cfg);
+        let (jobs, rx) = mpsc::channel::<SaveJob>();
+        let (done_tx, done) = mpsc::channel();
+        let (dir, fp, codec) = (cfg.dir.clone(), cfg.fingerprint.clone(), cfg.codec);
+        let persister = std::thread::Builder::new()
+            .name("semantic-persister".into())
+            .spawn(move || {
+                for job in rx {
+                    let result = write_agent_cache(&dir, &job.agent, &fp, codec, &job.tokens, &job.snap);
+                    let _ = done_tx.send(SaveDone { agent: job.agent, version: job.version, result });
+                }
+            })
+            .map_err(|e| CacheError::Invalid(format!("cannot start the persister thread: {e}")))?;
+        Ok(Self {
+            cfg,
+            warm,
+            pinned,
+            dirty: HashMap::new(),
+            version: 0,
+            copying: VecDeque::new(),
+            jobs: Some(jobs),
+            done,
+            in_flight: 0,
+            persister: Some(persister),
+            times: HashMap::new(),
+            save_errors: 0,
+        })
+    }
+
+    pub(crate) fn is_dirty(&self, agent: &AgentId) -> bool {
+        self.dirty.contains_key(agent)
+    }
+
+    pub(crate) fn is_pinned(&self, agent: &AgentId) -> bool {
+        self.pinned.contains(agent)
+    }
+
+    pub(crate) fn warm_entries(&self) -> impl Iterator<Item = &WarmEntry> {
+        self.warm.iter()
+    }
+
+    pub(crate) fn warm_bytes(&self) -> u64 {
+        self.warm.total_bytes()
+    }
+
+    pub(crate) fn has_work(&self) -> bool {
+        !self.copying.is_empty() || self.in_flight > 0
+    }
+
+    /// A hot cache changed: schedule its write-behind. `table` must be a
+    /// shared table over the cache's blocks ([`KvPool::share_table`]).
+    pub(crate) fn save_later(&mut self, agent: AgentId, tokens: Vec<u32>, table: BlockTable, pool: &mut KvPool) {
+        self.version += 1;
+        self.dirty.insert(agent.clone(), self.version);
+        // A newer version replaces a copy that has not finished.
+        if let Some(i) = self.copying.iter().position(|j| j.agent == agent) {
+            let old = self.copying.remove(i).expect("present");
+            pool.free_table(old.table).expect("shared table");
+        }
+        let snap = KvSnapshot::new(pool.layout().into(), tokens.len());
+        self.copying.push_back(CopyJob { agent, version: self.version, tokens, table, snap, next_layer: 0 });
+    }
+
+    /// Copies the whole cache now and queues the write (eviction of a dirty
+    /// cache under memory pressure).
+    pub(crate) fn save_now(&mut self, agent: &AgentId, tokens: &[u32], table: &BlockTable, pool: &mut KvPool) {
+        if let Some(i) = self.copying.iter().position(|j| &j.agent == agent) {
+            let old = self.copying.remove(i).expect("present");
+            pool.free_table(old.table).expect("shared table");
+        }
+        self.version += 1;
+        self.dirty.insert(agent.clone(), self.version);
+        let snap = KvSnapshot::from_pool(pool, table.blocks(), tokens.len());
+        self.send(SaveJob { agent: agent.clone(), version: self.version, tokens: tokens.to_vec(), snap });
+    }
+
+    fn send(&mut self, job: SaveJob) {
+        if let Some(tx) = &self.jobs {
+            if tx.send(job).is_ok() {
+                self.in_flight += 1;
+            }
+        }
+    }
+
+    /// One loop turn of background work: copy a bounded slice of the front
+    /// snapshot, hand finished ones to the persister, collect results.
+    pub(crate) fn pump(&mut self, pool: &mut KvPool) {
+        let mut budget = COPY_BYTES_PER_TURN;
+        while budget > 0 {
+            let Some(job) = self.copying.front_mut() else { break };
+            let layer_bytes = 2 * pool.layout().n_kv_heads * pool.layout().head_dim * job.tokens.len() * 2;
+            while job.next_layer < pool.layout().n_layers && budget > 0 {
+                job.snap.copy_layer_from_pool(pool, job.table.blocks(), job.next_layer);
+                job.next_layer += 1;
+                budget = budget.saturating_sub(layer_bytes.max(1));
+            }
+            if job.next_layer == pool.layout().n_layers {
+                let job = self.copying.pop_front().expect("front");
+                pool.free_table(job.table).expect("shared table");
+                self.send(SaveJob { agent: job.agent, version: job.version, tokens: job.tokens, snap: job.snap });
+            }
+        }
+        while let Ok(done) = self.done.try_recv() {
+            self.in_flight -= 1;
+            self.finish_save(done);
+        }
+    }
+
+    fn finish_save(&mut self, done: SaveDone) {
+        match done.result {
+            Ok(stats) => {
+                tracing::debug!(agent = %done.agent, tokens = stats.n_tokens, bytes = stats.bytes, ms = stats.duration.as_millis() as u64, "saved");
+                self.times.entry(done.agent.clone()).or_default().last_save = Some((stats.duration, stats.bytes));
+                self.warm.insert(WarmEntry::from(&stats));
+                if self.dirty.get(&done.agent) == Some(&done.version) {
+                    self.dirty.remove(&done.agent);
+                }
+                self.enforce_budget(&done.agent);
+            }
+            Err(e) => {
+                self.save_errors += 1;
+                tracing::error!(agent = %done.agent, error = %e, "saving the agent cache failed; it stays in RAM only");
+            }
+        }
+    }
+
+    /// Deletes least recently used files (never pinned ones, never `keep`)
+    /// until the warm tier fits its budget.
+    fn enforce_budget(&mut self, keep: &AgentId) {
+        while self.warm.total_bytes() > self.cfg.disk_budget_bytes {
+            let victim = self
+                .warm
+                .lru_order()
+                .into_iter()
+                .find(|e| &e.agent != keep && !self.pinned.contains(&e.agent))
+                .map(|e| e.agent.clone());
+            let Some(victim) = victim else { break };
+            self.remove_file(&victim);
+        }
+    }
+
+    pub(crate) fn remove_file(&mut self, agent: &AgentId) -> bool {
+        match self.warm.remove(agent) {
+            Some(e) => {
+                if let Err(err) = std::fs::remove_file(&e.path) {
+                    tracing::warn!(path = %e.path.display(), error = %err, "removing a cache file");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Loads the agent's file into fresh blocks: `(tokens, table, bytes)`.
+    /// Any bad file is quarantined and reported as a miss.
+    pub(crate) fn load(&mut self, agent: &AgentId, pool: &mut KvPool) -> Option<(Vec<u32>, BlockTable)> {
+        let entry = self.warm.get(agent)?.clone();
+        let mut table = BlockTable::default();
+        match load_agent_cache(&entry.path, &self.cfg.fingerprint, pool, &mut table) {
+            Ok(loaded) => {
+                tracing::debug!(agent = %agent, tokens = loaded.tokens.len(), ms = loaded.duration.as_millis() as u64, "loaded");
+                self.times.entry(agent.clone()).or_default().last_load = Some((loaded.duration, entry.bytes));
+                let mut e = entry;
+                e.last_use = SystemTime::now();
+                self.warm.insert(e);
+                Some((loaded.tokens, table))
+            }
+            Err(CacheError::PoolFull { .. }) => None,
+            Err(e) => {
+                tracing::warn!(agent = %agent, error = %e, "cache file unusable; serving cold");
+                if e.should_quarantine() {
+                    match quarantine(&entry.path) {
+                        Ok(to) => tracing::warn!(to = %to.display(), "quarantined"),
+                        Err(q) => tracing::error!(error = %q, "quarantine failed"),
+                    }
+                }
+                self.warm.remove(agent);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn set_pinned(&mut self, agent: &AgentId, pinned: bool) {
+        let changed = if pinned { self.pinned.insert(agent.clone()) } else { self.pinned.remove(agent) };
+        if changed {
+            write_pins(&self.cfg, &self.pinned);
+        }
+    }
+
+    /// Writes everything dirty and waits for the persister (shutdown).
+    pub(crate) fn flush(&mut self, pool: &mut KvPool, hot: &[(AgentId, Vec<u32>, &BlockTable)]) {
+        for (agent, tokens, table) in hot {
+            if self.is_dirty(agent) && !self.copying.iter().any(|j| &j.agent == agent) {
+                self.save_now(agent, tokens, table, pool);
+            }
+        }
+        while !self.copying.is_empty() {
+            self.pump(pool);
+        }
+        self.jobs = None;
+        while self.in_flight > 0 {
+            match self.done.recv() {
+                Ok(done) => {
+                    self.in_flight -= 1;
+                    self.finish_save(done);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(t) = self.persister.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pins_path(cfg: &PersistConfig) -> PathBuf {
+    cfg.dir.join(cfg.fingerprint.as_str()).join("pins.txt")
+}
+
+fn read_pins(cfg: &PersistConfig) -> HashSet<AgentId> {
+    std::fs::read_to_string(pins_path(cfg))
+        .map(|s| s.lines().filter_map(|l| AgentId::new(l.trim()).ok()).collect())
+        .unwrap_or_default()
+}
+
+fn write_pins(cfg: &PersistConfig, pins: &HashSet<AgentId>) {
+    let mut lines: Vec<&str> = pins.iter().map(AgentId::as_str).collect();
+    lines.sort_unstable();
+    let path = pins_path(cfg);
+    let tmp = path.with_extension("tmp");
+    let res = std::fs::create_dir_all(path.parent().expect("has a parent"))
+        .and_then(|_| std::fs::write(&tmp, lines.join("\n")))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        tracing::error!(error = %e, "saving pins");
+    }
+}
