@@ -100,7 +100,7 @@ impl Tiers {
         let pinned = read_pins(&cfg);
         let (jobs, rx) = mpsc::channel::<SaveJob>();
         let (done_tx, done) = mpsc::channel();
-        let (dir, fp, codec) = (cfg.dir.clone(), cfg.fingerprint.clone(), cfg.codec);
+        let (dir, fp, codec) = (cfg.dir.clone(), cfg.fingerprint, cfg.codec);
         let persister = std::thread::Builder::new()
             .name("semantic-persister".into())
             .spawn(move || {
