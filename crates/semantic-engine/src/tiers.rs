@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime};
 use semantic_core::AgentId;
 use semantic_kv::{BlockTable, KvPool};
 use semantic_store::{
-    load_agent_cache, quarantine, write_agent_cache, CacheError, KvCodec, KvSnapshot, ModelFingerprint, SaveStats,
-    WarmEntry, WarmIndex,
+    load_agent_cache, quarantine, write_agent_cache_with, CacheError, KvCodec, KvSnapshot, ModelFingerprint, SaveStats,
+    WarmEntry, WarmIndex, WriteOptions,
 };
 
 /// Bytes of K/V copied into snapshots per engine loop turn (about 1-2 ms).
@@ -39,6 +39,9 @@ pub struct PersistConfig {
     pub fingerprint: ModelFingerprint,
     pub codec: KvCodec,
     pub disk_budget_bytes: u64,
+    /// Fault injection for tests: every save fails with ENOSPC after this
+    /// many bytes (as a full disk would).
+    pub fail_after_bytes: Option<u64>,
 }
 
 struct SaveJob {
@@ -101,11 +104,12 @@ impl Tiers {
         let (jobs, rx) = mpsc::channel::<SaveJob>();
         let (done_tx, done) = mpsc::channel();
         let (dir, fp, codec) = (cfg.dir.clone(), cfg.fingerprint, cfg.codec);
+        let opts = WriteOptions { fail_after_bytes: cfg.fail_after_bytes };
         let persister = std::thread::Builder::new()
             .name("semantic-persister".into())
             .spawn(move || {
                 for job in rx {
-                    let result = write_agent_cache(&dir, &job.agent, &fp, codec, &job.tokens, &job.snap);
+                    let result = write_agent_cache_with(&opts, &dir, &job.agent, &fp, codec, &job.tokens, &job.snap);
                     let _ = done_tx.send(SaveDone { agent: job.agent, version: job.version, result });
                 }
             })

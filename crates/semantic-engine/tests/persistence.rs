@@ -18,6 +18,10 @@ struct Fixture {
 }
 
 fn start(dir: Option<&Path>, budget: u64) -> Fixture {
+    start_with(dir, budget, None)
+}
+
+fn start_with(dir: Option<&Path>, budget: u64, fail_after_bytes: Option<u64>) -> Fixture {
     let path = paths::test_model_path();
     let g = GgufFile::open(&path).unwrap();
     let model = LlamaModel::load(&g).unwrap();
@@ -28,6 +32,7 @@ fn start(dir: Option<&Path>, budget: u64) -> Fixture {
         fingerprint: ModelFingerprint::new("b179c9523d0e6a0f").unwrap(),
         codec: KvCodec::F16,
         disk_budget_bytes: budget,
+        fail_after_bytes,
     });
     let cfg = EngineConfig { kv_pool_bytes: 64 << 20, persist, ..EngineConfig::default() };
     let handle = EngineHandle::try_spawn(model, tok.clone(), "test".into(), cfg).unwrap();
@@ -197,6 +202,32 @@ fn the_disk_budget_drops_least_recently_used_files_but_never_pinned_ones() {
     let f = start(Some(&dir), 11 << 20);
     let a1 = f.rt.block_on(f.handle.agent(AgentId::new("a1").unwrap())).unwrap().unwrap();
     assert!(a1.pinned);
+    f.stop();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_full_disk_loses_no_answer_and_leaves_no_partial_file() {
+    let dir = tempdir("full");
+    let f = start_with(Some(&dir), 1 << 30, Some(64 << 10));
+    let (ids, _) = f.ask(Some("writer"), &conversation(0));
+    assert!(!ids.is_empty(), "the request is answered");
+    for _ in 0..300 {
+        if f.handle.blocking_stats().unwrap().save_errors > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = f.handle.blocking_stats().unwrap();
+    assert!(st.save_errors > 0, "the failed save is counted: {st:?}");
+    assert_eq!(st.warm_agents, 0);
+    let files: Vec<_> =
+        std::fs::read_dir(dir.join("b179c9523d0e6a0f")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(files.iter().all(|n| !n.to_string_lossy().contains(".safetensors")), "no partial file: {files:?}");
+    // The agent still works from RAM.
+    let (again, u) = f.ask(Some("writer"), &conversation(0));
+    assert_eq!(again, ids);
+    assert!(u.cached_hot_tokens > 100);
     f.stop();
     std::fs::remove_dir_all(&dir).ok();
 }
