@@ -39,6 +39,8 @@ pub struct PersistConfig {
     pub fingerprint: ModelFingerprint,
     pub codec: KvCodec,
     pub disk_budget_bytes: u64,
+    /// Files unused for longer are deleted (pinned agents excepted).
+    pub ttl: Option<Duration>,
     /// Fault injection for tests: every save fails with ENOSPC after this
     /// many bytes (as a full disk would).
     pub fail_after_bytes: Option<u64>,
@@ -87,6 +89,7 @@ pub(crate) struct Tiers {
     persister: Option<JoinHandle<()>>,
     pub(crate) times: HashMap<AgentId, IoTimes>,
     pub(crate) save_errors: u64,
+    last_ttl_check: std::time::Instant,
 }
 
 impl Tiers {
@@ -127,6 +130,7 @@ impl Tiers {
             persister: Some(persister),
             times: HashMap::new(),
             save_errors: 0,
+            last_ttl_check: std::time::Instant::now() - Duration::from_secs(3600),
         })
     }
 
@@ -206,6 +210,27 @@ impl Tiers {
         while let Ok(done) = self.done.try_recv() {
             self.in_flight -= 1;
             self.finish_save(done);
+        }
+        if self.last_ttl_check.elapsed() > Duration::from_secs(10) {
+            self.last_ttl_check = std::time::Instant::now();
+            self.expire();
+        }
+    }
+
+    /// Deletes files unused for longer than the TTL (never pinned ones).
+    fn expire(&mut self) {
+        let Some(ttl) = self.cfg.ttl else { return };
+        let now = SystemTime::now();
+        let old: Vec<AgentId> = self
+            .warm
+            .iter()
+            .filter(|e| !self.pinned.contains(&e.agent))
+            .filter(|e| now.duration_since(e.last_use).is_ok_and(|age| age > ttl))
+            .map(|e| e.agent.clone())
+            .collect();
+        for a in old {
+            tracing::info!(agent = %a, "cache file expired (ttl)");
+            self.remove_file(&a);
         }
     }
 

@@ -22,6 +22,10 @@ fn start(dir: Option<&Path>, budget: u64) -> Fixture {
 }
 
 fn start_with(dir: Option<&Path>, budget: u64, fail_after_bytes: Option<u64>) -> Fixture {
+    start_full(dir, budget, fail_after_bytes, None)
+}
+
+fn start_full(dir: Option<&Path>, budget: u64, fail_after_bytes: Option<u64>, ttl: Option<Duration>) -> Fixture {
     let path = paths::test_model_path();
     let g = GgufFile::open(&path).unwrap();
     let model = LlamaModel::load(&g).unwrap();
@@ -32,6 +36,7 @@ fn start_with(dir: Option<&Path>, budget: u64, fail_after_bytes: Option<u64>) ->
         fingerprint: ModelFingerprint::new("b179c9523d0e6a0f").unwrap(),
         codec: KvCodec::F16,
         disk_budget_bytes: budget,
+        ttl,
         fail_after_bytes,
     });
     let cfg = EngineConfig { kv_pool_bytes: 64 << 20, persist, ..EngineConfig::default() };
@@ -228,6 +233,28 @@ fn a_full_disk_loses_no_answer_and_leaves_no_partial_file() {
     let (again, u) = f.ask(Some("writer"), &conversation(0));
     assert_eq!(again, ids);
     assert!(u.cached_hot_tokens > 100);
+    f.stop();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn files_unused_past_the_ttl_expire_unless_pinned() {
+    let dir = tempdir("ttl");
+    let f = start(Some(&dir), 1 << 30);
+    for a in ["keep", "drop"] {
+        f.ask(Some(a), &conversation(0));
+        f.wait_saved(a);
+    }
+    assert!(f.rt.block_on(f.handle.set_pinned(AgentId::new("keep").unwrap(), true)).unwrap());
+    f.stop();
+    std::thread::sleep(Duration::from_millis(20));
+    let f = start_full(Some(&dir), 1 << 30, None, Some(Duration::from_millis(10)));
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        names = f.rt.block_on(f.handle.agents()).unwrap().iter().map(|a| a.agent.to_string()).collect();
+    }
+    assert_eq!(names, ["keep"]);
+    assert!(!dir.join("b179c9523d0e6a0f/drop.safetensors").exists());
     f.stop();
     std::fs::remove_dir_all(&dir).ok();
 }
