@@ -136,6 +136,8 @@ struct Seq {
     hits: u64,
     /// Chained hashes of the full blocks computed so far.
     hashes: Vec<BlockHash>,
+    last_token_at: Option<Instant>,
+    itl_sum: Duration,
 }
 
 pub struct Engine {
@@ -282,6 +284,8 @@ impl Engine {
             usage: Usage { prompt_tokens: n, ..Usage::default() },
             hits: 0,
             hashes: Vec::new(),
+            last_token_at: None,
+            itl_sum: Duration::ZERO,
             req,
         };
         self.seqs.insert(id, seq);
@@ -479,9 +483,16 @@ impl Engine {
             return;
         };
         let picked = s.sampler.sample(row, &s.tokens);
-        if s.n_generated == 0 {
-            s.usage.ttft = s.arrival.elapsed();
+        let now = Instant::now();
+        match s.last_token_at {
+            None => s.usage.ttft = now - s.arrival,
+            Some(prev) => {
+                let gap = now - prev;
+                s.itl_sum += gap;
+                s.usage.itl_max = s.usage.itl_max.max(gap);
+            }
         }
+        s.last_token_at = Some(now);
         if s.req.stop_ids.contains(&picked.token) {
             return self.end(id, Some(FinishReason::Stop), None);
         }
@@ -525,6 +536,7 @@ impl Engine {
         };
         let computed = st.map(|st| st.n_computed).unwrap_or(0);
         s.usage.completion_tokens = s.n_generated;
+        s.usage.itl_mean = s.itl_sum / (s.n_generated.max(2) as u32 - 1);
         s.usage.total_time = s.arrival.elapsed();
         let event = match (reason, error) {
             (_, Some(e)) => TokenEvent::Error(e),

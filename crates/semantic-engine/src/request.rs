@@ -32,6 +32,9 @@ pub struct Usage {
     pub queue_time: Duration,
     /// Arrival to first token.
     pub ttft: Duration,
+    /// Mean and largest gap between consecutive generated tokens.
+    pub itl_mean: Duration,
+    pub itl_max: Duration,
     pub total_time: Duration,
 }
 
