@@ -4,6 +4,7 @@ mod bench;
 mod bench_http;
 mod generate;
 mod pull;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the HTTP server (OpenAI and Anthropic APIs, agents API, metrics).
+    Serve(serve::ServeArgs),
     /// Generate a reply to one prompt and print timing stats.
     Generate(generate::GenerateArgs),
     /// Manage the default model.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = home_dir(&cli.home);
     let res = match cli.command {
+        Command::Serve(args) => serve::run(&home, args),
         Command::Generate(args) => generate::run(&home, args),
         Command::Model {
             command: ModelCommand::Pull,

@@ -1,0 +1,174 @@
+//! The OpenAI dialect on the real model.
+
+use serde_json::{json, Value};
+
+use crate::client::{get, post, shared};
+
+fn chat(body: Value, headers: &[(&str, &str)]) -> Value {
+    let r = post(shared(), "/v1/chat/completions", headers, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-request-id").is_some_and(|v| v.starts_with("req-")));
+    r.json()
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+#[test]
+fn chat_completion_reports_usage_and_is_deterministic_when_greedy() {
+    let body = json!({"model": "x", "messages": user("Say hello."), "max_tokens": 12, "temperature": 0});
+    let a = chat(body.clone(), &[]);
+    let b = chat(body, &[]);
+    let msg = &a["choices"][0]["message"];
+    assert_eq!(a["object"], "chat.completion");
+    assert_eq!(msg["role"], "assistant");
+    assert!(!msg["content"].as_str().unwrap().is_empty());
+    assert_eq!(msg, &b["choices"][0]["message"]);
+    let u = &a["usage"];
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 5);
+    let done = u["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&done));
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + done);
+    let reason = a["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(reason == "stop" || (reason == "length" && done == 12), "{a}");
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
+}
+
+#[test]
+fn a_second_turn_of_the_same_session_reuses_the_cache() {
+    let first = json!({"messages": user("Name a colour."), "max_tokens": 8, "temperature": 0});
+    let a = chat(first, &[("X-Session-ID", "openai-turns")]);
+    let reply = a["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let prompt1 = a["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The body field names the same agent.
+    let second = json!({
+        "session_id": "openai-turns",
+        "messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": [{"type": "text", "text": "Another one?"}]},
+        ],
+        "max_tokens": 8, "temperature": 0,
+    });
+    let b = chat(second, &[]);
+    let cached = b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= prompt1 - 1, "cached {cached} of a {prompt1}-token first prompt: {b}");
+}
+
+#[test]
+fn stream_matches_the_plain_reply_and_ends_with_usage_and_done() {
+    let body = json!({"messages": user("Count to five."), "max_tokens": 16, "temperature": 0});
+    let plain = chat(body.clone(), &[]);
+    let mut sbody = body;
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = post(shared(), "/v1/chat/completions", &[], &sbody);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let events = r.sse();
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], plain["usage"]["completion_tokens"]);
+    let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(finish, &plain["choices"][0]["finish_reason"]);
+    assert!(chunks[1..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+}
+
+#[test]
+fn stop_strings_cut_the_reply() {
+    let body = json!({"messages": user("Count from one to ten in words."), "max_tokens": 24, "temperature": 0});
+    let full = chat(body.clone(), &[]);
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    // Stop at the third word of the greedy reply.
+    let word = text.split_whitespace().nth(2).expect("three words").to_string();
+    let mut b = body;
+    b["stop"] = json!([word.clone(), "zzzz-never"]);
+    let cut = chat(b, &[]);
+    let got = cut["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    assert!(!got.contains(&word), "{got:?} still has {word:?}");
+    assert!(text.starts_with(got), "{got:?} is not a prefix of {text:?}");
+}
+
+#[test]
+fn logprobs_cover_every_token() {
+    let body = json!({"messages": user("Hi"), "max_tokens": 5, "temperature": 0.7, "seed": 7, "logprobs": true});
+    let r = chat(body, &[]);
+    let lp = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(lp.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap());
+    assert!(lp.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0 && t["bytes"].is_array()));
+}
+
+#[test]
+fn tools_are_accepted_with_their_history() {
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": "You help."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+        ],
+        "tools": tools, "tool_choice": "auto", "max_tokens": 12, "temperature": 0,
+    });
+    let r = chat(body, &[]);
+    let choice = &r["choices"][0];
+    let finish = choice["finish_reason"].as_str().unwrap();
+    if finish == "tool_calls" {
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    } else {
+        assert!(choice["message"]["content"].is_string(), "{r}");
+    }
+}
+
+#[test]
+fn json_object_format_is_accepted_when_json_is_asked_for() {
+    let body = json!({"messages": user("Reply in JSON."), "max_tokens": 4, "response_format": {"type": "json_object"}});
+    chat(body, &[]);
+}
+
+#[test]
+fn completions_use_the_raw_prompt() {
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let r = post(shared(), "/v1/completions", &[], &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(text.contains("Paris"), "{text:?}");
+
+    let mut s = body;
+    s["stream"] = json!(true);
+    let r = post(shared(), "/v1/completions", &[], &s);
+    let events = r.sse();
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, text);
+}
+
+#[test]
+fn models_lists_the_loaded_model() {
+    let r = get(shared(), "/v1/models");
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "test-model");
+    assert_eq!(v["data"][0]["context_length"], 8192);
+}
