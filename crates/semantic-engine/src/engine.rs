@@ -342,6 +342,11 @@ impl Engine {
                     out.push(info(&e.agent, Tier::Warm, e.n_tokens, e.bytes as usize, e.last_use, 0, false));
                 }
             }
+            for (a, n) in t.pending() {
+                if !out.iter().any(|o| &o.agent == a) {
+                    out.push(info(a, Tier::Warm, n, 0, SystemTime::now(), 0, false));
+                }
+            }
         }
         out.sort_by(|a, b| a.agent.cmp(&b.agent));
         out

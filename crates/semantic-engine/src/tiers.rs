@@ -86,6 +86,8 @@ pub(crate) struct Tiers {
     jobs: Option<mpsc::Sender<SaveJob>>,
     done: mpsc::Receiver<SaveDone>,
     in_flight: usize,
+    /// Agents whose file is being written: agent -> tokens.
+    pending: HashMap<AgentId, usize>,
     persister: Option<JoinHandle<()>>,
     pub(crate) times: HashMap<AgentId, IoTimes>,
     pub(crate) save_errors: u64,
@@ -127,6 +129,7 @@ impl Tiers {
             jobs: Some(jobs),
             done,
             in_flight: 0,
+            pending: HashMap::new(),
             persister: Some(persister),
             times: HashMap::new(),
             save_errors: 0,
@@ -182,11 +185,19 @@ impl Tiers {
     }
 
     fn send(&mut self, job: SaveJob) {
+        let (agent, n) = (job.agent.clone(), job.tokens.len());
         if let Some(tx) = &self.jobs {
             if tx.send(job).is_ok() {
                 self.in_flight += 1;
+                self.pending.insert(agent, n);
             }
         }
+    }
+
+    /// Agents being written right now, with their token counts (they show
+    /// as warm even before the file lands).
+    pub(crate) fn pending(&self) -> impl Iterator<Item = (&AgentId, usize)> {
+        self.pending.iter().map(|(a, n)| (a, *n))
     }
 
     /// One loop turn of background work: copy a bounded slice of the front
@@ -235,6 +246,9 @@ impl Tiers {
     }
 
     fn finish_save(&mut self, done: SaveDone) {
+        if self.dirty.get(&done.agent).is_none_or(|v| *v == done.version) {
+            self.pending.remove(&done.agent);
+        }
         match done.result {
             Ok(stats) => {
                 tracing::debug!(agent = %done.agent, tokens = stats.n_tokens, bytes = stats.bytes, ms = stats.duration.as_millis() as u64, "saved");

@@ -89,6 +89,9 @@ pub struct Prepared {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub logprobs: bool,
+    /// Extension (llama.cpp, vLLM): generate `max_tokens` tokens, ignoring
+    /// end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Submits to the engine; queue-full, too-long and stopped errors come back here.
@@ -105,7 +108,7 @@ pub async fn submit(rt: &Runtime, api: &'static str, p: Prepared) -> Result<Gene
         agent: p.agent,
         prompt: p.prompt,
         params: p.params,
-        stop_ids: rt.stop_ids.clone(),
+        stop_ids: if p.ignore_eos { Vec::new() } else { rt.stop_ids.clone() },
         logprobs: p.logprobs,
     };
     let stream = rt.engine.submit(req).await?;

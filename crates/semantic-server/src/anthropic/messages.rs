@@ -101,7 +101,7 @@ pub async fn messages(
         tool_names,
         prompt_tokens: prompt.len(),
     };
-    let p = Prepared { id, agent, prompt, params, logprobs: false };
+    let p = Prepared { id, agent, prompt, params, logprobs: false, ignore_eos: false };
     let gen = generation::submit(&rt, "anthropic_messages", p).await?;
     if req.stream.unwrap_or(false) {
         let st = MessageStream {

@@ -41,7 +41,7 @@ pub async fn chat_completions(
     generation::check_prompt_fits(prompt.len(), rt.context_length, "messages")?;
     let (max, field) = req.max_tokens();
     params.max_tokens = generation::max_new_tokens(max, field, prompt.len(), rt.context_length, rt.sequence_limit)?;
-    let p = Prepared { id, agent, prompt, params, logprobs };
+    let p = Prepared { id, agent, prompt, params, logprobs, ignore_eos: req.ignore_eos.unwrap_or(false) };
     let gen = generation::submit(&rt, "openai_chat", p).await?;
     let out = Output {
         id: format!("chatcmpl-{id}"),

@@ -42,7 +42,14 @@ pub async fn completions(
     generation::check_prompt_fits(prompt.len(), rt.context_length, "prompt")?;
     params.max_tokens =
         generation::max_new_tokens(req.max_tokens, "max_tokens", prompt.len(), rt.context_length, rt.sequence_limit)?;
-    let p = Prepared { id, agent, prompt, params, logprobs: req.wants_logprobs() };
+    let p = Prepared {
+        id,
+        agent,
+        prompt,
+        params,
+        logprobs: req.wants_logprobs(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+    };
     let gen = generation::submit(&rt, "openai_completions", p).await?;
     let id = format!("cmpl-{id}");
     let created = generation::unix_now();

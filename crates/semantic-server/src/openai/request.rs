@@ -33,6 +33,8 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub session_id: Option<String>,
+    /// Extension: keep generating through end-of-sequence tokens.
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -46,6 +48,8 @@ pub struct CompletionRequest {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Extension: keep generating through end-of-sequence tokens.
+    pub ignore_eos: Option<bool>,
     pub seed: Option<i64>,
     pub stop: Option<StopSpec>,
     pub n: Option<i64>,

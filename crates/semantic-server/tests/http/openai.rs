@@ -172,3 +172,14 @@ fn models_lists_the_loaded_model() {
     assert_eq!(v["data"][0]["id"], "test-model");
     assert_eq!(v["data"][0]["context_length"], 8192);
 }
+
+#[test]
+fn ignore_eos_generates_exactly_max_tokens() {
+    let q = user("What is 2 + 2?");
+    let natural = chat(json!({"messages": q, "max_tokens": 40, "temperature": 0}), &[]);
+    let natural_n = natural["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(natural_n < 40, "the model stops early on its own: {natural}");
+    let forced = chat(json!({"messages": q, "max_tokens": 40, "temperature": 0, "ignore_eos": true}), &[]);
+    assert_eq!(forced["usage"]["completion_tokens"], 40);
+    assert_eq!(forced["choices"][0]["finish_reason"], "length");
+}
