@@ -236,6 +236,11 @@ impl Engine {
         }
     }
 
+    /// Disk saves and loads since the last call (for histograms).
+    pub fn take_io_events(&mut self) -> Vec<crate::tiers::IoEvent> {
+        self.tiers.as_mut().map(|t| std::mem::take(&mut t.io_events)).unwrap_or_default()
+    }
+
     /// Writes every dirty agent cache and waits for the disk (shutdown).
     pub fn flush(&mut self) {
         let Some(t) = &mut self.tiers else { return };
@@ -376,7 +381,7 @@ impl Engine {
         }
         if let Some(t) = &mut self.tiers {
             if !evict_only {
-                found |= t.remove_file(agent);
+                found |= t.forget(agent, &mut self.pool);
                 t.set_pinned(agent, false);
             }
         }

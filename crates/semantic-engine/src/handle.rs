@@ -13,6 +13,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::engine::{AgentInfo, Engine, EngineConfig, EngineStats};
 use crate::request::{EngineError, EngineRequest, TokenEvent};
+use crate::tiers::IoEvent;
 
 enum Command {
     Submit {
@@ -29,6 +30,7 @@ enum Command {
         reply: oneshot::Sender<Result<bool, EngineError>>,
     },
     Pin(AgentId, bool, oneshot::Sender<bool>),
+    TakeIoEvents(oneshot::Sender<Vec<IoEvent>>),
     Shutdown,
 }
 
@@ -157,6 +159,11 @@ impl EngineHandle {
         self.ask(|r| Command::Pin(agent, pinned, r)).await
     }
 
+    /// Cache saves and loads since the last call (for `/metrics`).
+    pub async fn take_io_events(&self) -> Result<Vec<IoEvent>, EngineError> {
+        self.ask(Command::TakeIoEvents).await
+    }
+
     pub fn blocking_stats(&self) -> Result<EngineStats, EngineError> {
         let (reply, done) = oneshot::channel();
         self.tx.send(Command::Stats(reply)).map_err(|_| EngineError::Stopped)?;
@@ -230,6 +237,9 @@ fn handle(engine: &mut Engine, cmd: Command) -> bool {
         }
         Command::Pin(a, pinned, r) => {
             let _ = r.send(engine.set_pinned(&a, pinned));
+        }
+        Command::TakeIoEvents(r) => {
+            let _ = r.send(engine.take_io_events());
         }
         Command::Shutdown => {
             engine.flush();

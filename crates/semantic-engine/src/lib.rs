@@ -17,4 +17,4 @@ pub use handle::{EngineHandle, ModelInfo, TokenStream};
 pub use request::{EngineError, EngineRequest, TokenEvent, Usage};
 pub use scheduler::{SchedulerConfig, SeqId};
 pub use semantic_store::{KvCodec, ModelFingerprint};
-pub use tiers::{IoTimes, PersistConfig, COPY_BYTES_PER_TURN};
+pub use tiers::{IoEvent, IoTimes, PersistConfig, COPY_BYTES_PER_TURN};

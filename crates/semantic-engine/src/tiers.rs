@@ -68,6 +68,17 @@ struct CopyJob {
     next_layer: usize,
 }
 
+/// One disk operation, for histograms (`/metrics`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IoEvent {
+    pub save: bool,
+    pub duration: Duration,
+    pub bytes: u64,
+}
+
+/// Events kept until someone takes them (bounded).
+const MAX_IO_EVENTS: usize = 4096;
+
 /// Durations and sizes of the last load and save of an agent.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct IoTimes {
@@ -88,9 +99,12 @@ pub(crate) struct Tiers {
     in_flight: usize,
     /// Agents whose file is being written: agent -> tokens.
     pending: HashMap<AgentId, usize>,
+    /// Deleted while a write was in flight: the file goes when it lands.
+    deleted: HashSet<AgentId>,
     persister: Option<JoinHandle<()>>,
     pub(crate) times: HashMap<AgentId, IoTimes>,
     pub(crate) save_errors: u64,
+    pub(crate) io_events: Vec<IoEvent>,
     last_ttl_check: std::time::Instant,
 }
 
@@ -130,9 +144,11 @@ impl Tiers {
             done,
             in_flight: 0,
             pending: HashMap::new(),
+            deleted: HashSet::new(),
             persister: Some(persister),
             times: HashMap::new(),
             save_errors: 0,
+            io_events: Vec::new(),
             last_ttl_check: std::time::Instant::now() - Duration::from_secs(3600),
         })
     }
@@ -249,10 +265,17 @@ impl Tiers {
         if self.dirty.get(&done.agent).is_none_or(|v| *v == done.version) {
             self.pending.remove(&done.agent);
         }
+        if self.deleted.remove(&done.agent) {
+            if let Ok(stats) = &done.result {
+                let _ = std::fs::remove_file(&stats.path);
+            }
+            return;
+        }
         match done.result {
             Ok(stats) => {
                 tracing::debug!(agent = %done.agent, tokens = stats.n_tokens, bytes = stats.bytes, ms = stats.duration.as_millis() as u64, "saved");
                 self.times.entry(done.agent.clone()).or_default().last_save = Some((stats.duration, stats.bytes));
+                self.record(IoEvent { save: true, duration: stats.duration, bytes: stats.bytes });
                 self.warm.insert(WarmEntry::from(&stats));
                 if self.dirty.get(&done.agent) == Some(&done.version) {
                     self.dirty.remove(&done.agent);
@@ -281,6 +304,23 @@ impl Tiers {
         }
     }
 
+    /// Deletes the agent's file (also one still being written) and forgets
+    /// any unsaved version. `pool` releases a copy in progress.
+    pub(crate) fn forget(&mut self, agent: &AgentId, pool: &mut KvPool) -> bool {
+        let mut found = false;
+        if let Some(i) = self.copying.iter().position(|j| &j.agent == agent) {
+            let job = self.copying.remove(i).expect("present");
+            pool.free_table(job.table).expect("shared table");
+            found = true;
+        }
+        self.dirty.remove(agent);
+        if self.pending.remove(agent).is_some() {
+            self.deleted.insert(agent.clone());
+            found = true;
+        }
+        self.remove_file(agent) || found
+    }
+
     pub(crate) fn remove_file(&mut self, agent: &AgentId) -> bool {
         match self.warm.remove(agent) {
             Some(e) => {
@@ -302,6 +342,7 @@ impl Tiers {
             Ok(loaded) => {
                 tracing::debug!(agent = %agent, tokens = loaded.tokens.len(), ms = loaded.duration.as_millis() as u64, "loaded");
                 self.times.entry(agent.clone()).or_default().last_load = Some((loaded.duration, entry.bytes));
+                self.record(IoEvent { save: false, duration: loaded.duration, bytes: entry.bytes });
                 let mut e = entry;
                 e.last_use = SystemTime::now();
                 self.warm.insert(e);
@@ -320,6 +361,13 @@ impl Tiers {
                 None
             }
         }
+    }
+
+    fn record(&mut self, e: IoEvent) {
+        if self.io_events.len() == MAX_IO_EVENTS {
+            self.io_events.remove(0);
+        }
+        self.io_events.push(e);
     }
 
     pub(crate) fn set_pinned(&mut self, agent: &AgentId, pinned: bool) {

@@ -115,3 +115,12 @@ pub fn computed_prompt_tokens(usage: &Usage) -> usize {
         usage.prompt_tokens.saturating_sub(usage.cached_tokens())
     }
 }
+
+/// Histograms of agent-cache disk writes and loads (seconds and bytes).
+pub fn record_io(events: &[semantic_engine::IoEvent]) {
+    for e in events {
+        let op = if e.save { "save" } else { "load" };
+        histogram!("semantic_cache_io_seconds", "op" => op).record(e.duration.as_secs_f64());
+        histogram!("semantic_cache_io_bytes", "op" => op).record(e.bytes as f64);
+    }
+}

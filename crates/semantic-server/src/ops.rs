@@ -45,7 +45,12 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let (stats, agents) = match state.runtime() {
-        Ok(rt) => (rt.engine.stats().await.ok(), rt.engine.agents().await.ok()),
+        Ok(rt) => {
+            if let Ok(events) = rt.engine.take_io_events().await {
+                crate::metrics::record_io(&events);
+            }
+            (rt.engine.stats().await.ok(), rt.engine.agents().await.ok())
+        }
         Err(_) => (None, None),
     };
     let text = state.metrics().render(stats.as_ref(), agents.as_deref());

@@ -38,6 +38,7 @@ fn an_agent_resumes_from_disk_after_a_restart() {
     assert!(cached >= prompt1 - 1, "cached {cached} after restart, first prompt {prompt1}: {b}");
     let m = get(s.addr, "/metrics").text();
     assert!(m.contains("semantic_cached_prompt_tokens_total{tier=\"disk\"}"), "{m}");
+    assert!(m.contains("semantic_cache_io_seconds") && m.contains("op=\"load\""), "load timings: {m}");
     s.stop();
     s.join().unwrap();
 }
