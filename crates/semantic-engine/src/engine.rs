@@ -513,7 +513,14 @@ impl Engine {
             Ok(t) => t,
             Err(e) => return self.end(id, None, Some(e.to_string())),
         };
-        let logprob = s.req.logprobs.then_some(picked.logprob);
+        // Greedy sampling skips the softmax; compute it only when asked.
+        let logprob = s.req.logprobs.then(|| {
+            if s.req.params.is_greedy() {
+                semantic_model::sampling::log_prob(row, picked.token)
+            } else {
+                picked.logprob
+            }
+        });
         // A send error means the client left; the next step cancels it.
         let _ = s.events.send(TokenEvent::Token { id: picked.token, text, logprob });
         let reason = if stopped {

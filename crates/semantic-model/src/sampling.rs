@@ -143,6 +143,13 @@ impl Sampler {
     }
 }
 
+/// `log softmax(logits)[token]`.
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    logits[token as usize] - max - sum.ln()
+}
+
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {

@@ -183,3 +183,13 @@ fn ignore_eos_generates_exactly_max_tokens() {
     assert_eq!(forced["usage"]["completion_tokens"], 40);
     assert_eq!(forced["choices"][0]["finish_reason"], "length");
 }
+
+#[test]
+fn greedy_logprobs_are_real_log_probabilities() {
+    let body = json!({"messages": user("Hi"), "max_tokens": 5, "temperature": 0, "logprobs": true});
+    let r = chat(body, &[]);
+    let lp = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!lp.is_empty());
+    assert!(lp.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0));
+    assert!(lp.iter().any(|t| t["logprob"].as_f64().unwrap() < -1e-4), "not all 0.0: {lp:?}");
+}
