@@ -168,7 +168,8 @@ struct Pace {
 impl Pace {
     fn observe(&mut self, st: &StepStats) {
         let ms = st.time.as_secs_f64() * 1e3;
-        let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
+        // Prefill cost per token grows with the context, so adapt quickly.
+        let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.5 * o + 0.5 * new));
         if st.prefill_tokens == 0 && st.decode_tokens > 0 {
             self.decode_ms = ema(self.decode_ms, ms);
         } else if st.prefill_tokens >= 16 {
@@ -178,11 +179,15 @@ impl Pace {
         }
     }
 
-    /// Prefill tokens allowed in a step that also decodes.
+    /// Prefill tokens allowed in a step that also decodes; before the
+    /// first estimates, a small chunk.
     fn prefill_cap(&self) -> usize {
+        if self.factor <= 1.0 {
+            return usize::MAX;
+        }
         match (self.decode_ms, self.prefill_ms_per_token) {
-            (Some(d), Some(p)) if self.factor > 1.0 => (((self.factor - 1.0) * d / p) as usize).max(16),
-            _ => usize::MAX,
+            (Some(d), Some(p)) => (((self.factor - 1.0) * d / p) as usize).max(8),
+            _ => 32,
         }
     }
 }

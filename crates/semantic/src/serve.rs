@@ -145,7 +145,10 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::pull::ensure_default(home)?,
     };
+    // One async worker: the HTTP edge is light, and every core it does not
+    // take is a core the kernels' fork-join steps can count on.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_name("semantic-http")
         .build()
