@@ -564,7 +564,12 @@ impl Engine {
             (_, Some(e)) => TokenEvent::Error(e),
             (Some(r), None) => {
                 let text_tail = if r == FinishReason::StopString { String::new() } else { s.text.finish() };
-                TokenEvent::Finished { reason: r, text_tail, usage: s.usage.clone() }
+                TokenEvent::Finished {
+                    reason: r,
+                    text_tail,
+                    usage: s.usage.clone(),
+                    stop: s.text.matched_stop().map(str::to_owned),
+                }
             }
             (None, None) => TokenEvent::Error("ended without a reason".into()),
         };

@@ -50,7 +50,13 @@ pub enum TokenEvent {
     /// multi-byte character or a possible stop string is held back).
     Token { id: u32, text: String, logprob: Option<f32> },
     /// The last event of a stream.
-    Finished { reason: FinishReason, text_tail: String, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        text_tail: String,
+        usage: Usage,
+        /// The stop string that matched (`reason == StopString`).
+        stop: Option<String>,
+    },
     /// The request failed inside the engine; the last event of a stream.
     Error(String),
 }

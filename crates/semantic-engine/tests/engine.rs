@@ -53,7 +53,7 @@ fn collect(mut s: TokenStream) -> (Vec<u32>, String, FinishReason, Usage) {
                 ids.push(id);
                 text.push_str(&t);
             }
-            TokenEvent::Finished { reason, text_tail, usage } => {
+            TokenEvent::Finished { reason, text_tail, usage, .. } => {
                 text.push_str(&text_tail);
                 return (ids, text, reason, usage);
             }

@@ -48,6 +48,7 @@ pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
 pub struct TextStream {
     dec: StreamDecoder,
     stops: Vec<String>,
+    matched: Option<usize>,
     hold: usize,
     text: String,
     emitted: usize,
@@ -56,7 +57,14 @@ pub struct TextStream {
 impl TextStream {
     pub fn new(tok: &Tokenizer, stops: &[String]) -> Self {
         let hold = stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-        Self { dec: tok.stream_decoder(true), stops: stops.to_vec(), hold, text: String::new(), emitted: 0 }
+        Self {
+            dec: tok.stream_decoder(true),
+            stops: stops.to_vec(),
+            matched: None,
+            hold,
+            text: String::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a token; returns the text that is now safe to emit and whether a
@@ -64,6 +72,7 @@ impl TextStream {
     pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
         self.text.push_str(&self.dec.push(id)?);
         if let Some(cut) = find_stop(&self.text, &self.stops) {
+            self.matched = self.stops.iter().position(|s| self.text.find(s.as_str()) == Some(cut));
             self.text.truncate(cut.max(self.emitted));
             return Ok((self.take(self.text.len()), true));
         }
@@ -83,6 +92,11 @@ impl TextStream {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The stop string that ended the reply, if one did.
+    pub fn matched_stop(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     fn take(&mut self, upto: usize) -> String {

@@ -139,6 +139,8 @@ pub struct Completion {
     pub tokens: Vec<GenToken>,
     pub reason: FinishReason,
     pub usage: Usage,
+    /// The stop string that ended the reply.
+    pub stop: Option<String>,
 }
 
 impl Generation {
@@ -193,9 +195,9 @@ impl Generation {
                     text.push_str(&t);
                     tokens.push(GenToken { id, logprob });
                 }
-                TokenEvent::Finished { reason, text_tail, usage } => {
+                TokenEvent::Finished { reason, text_tail, usage, stop } => {
                     text.push_str(&text_tail);
-                    return Ok(Completion { text, tokens, reason, usage });
+                    return Ok(Completion { text, tokens, reason, usage, stop });
                 }
                 TokenEvent::Error(e) => return Err(ApiError::Internal(e)),
             }

@@ -130,7 +130,7 @@ pub async fn messages(
         "model": out.model,
         "content": content,
         "stop_reason": out.stop_reason(c.reason, &calls),
-        "stop_sequence": out.stop_sequence(c.reason),
+        "stop_sequence": out.stop_sequence(c.reason, c.stop.as_deref()),
         "usage": AnthropicUsage::of(&c.usage, out.has_agent),
     });
     Ok(Json(body).into_response())
@@ -155,8 +155,8 @@ impl Output {
         }
     }
 
-    fn stop_sequence(&self, r: FinishReason) -> Option<&str> {
-        (r == FinishReason::StopString).then_some(self.single_stop.as_deref()).flatten()
+    fn stop_sequence<'a>(&'a self, r: FinishReason, matched: Option<&'a str>) -> Option<&'a str> {
+        (r == FinishReason::StopString).then_some(matched.or(self.single_stop.as_deref())).flatten()
     }
 
     fn tool_use_blocks(&self, calls: &[ParsedCall]) -> Vec<Value> {
@@ -235,7 +235,7 @@ impl MessageStream {
                     text_delta(&mut out, &text);
                     return Some(out);
                 }
-                TokenEvent::Finished { reason, text_tail, usage } => {
+                TokenEvent::Finished { reason, text_tail, usage, stop } => {
                     self.phase = Phase::Done;
                     let (text, calls) = match self.splitter.take() {
                         Some(mut s) => {
@@ -280,7 +280,7 @@ impl MessageStream {
                         "type": "message_delta",
                         "delta": {
                             "stop_reason": self.out.stop_reason(reason, &calls),
-                            "stop_sequence": self.out.stop_sequence(reason),
+                            "stop_sequence": self.out.stop_sequence(reason, stop.as_deref()),
                         },
                         "usage": AnthropicUsage::of(&usage, self.out.has_agent),
                     });

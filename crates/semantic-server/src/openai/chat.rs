@@ -160,7 +160,7 @@ impl ChatStream {
                     sse::data(&mut out, &self.out.chunk(delta, lp, None, self.include_usage));
                     return Some(out);
                 }
-                Some(TokenEvent::Finished { reason, text_tail, usage }) => {
+                Some(TokenEvent::Finished { reason, text_tail, usage, .. }) => {
                     self.done = true;
                     let (text, calls) = match self.splitter.take() {
                         Some(mut s) => {

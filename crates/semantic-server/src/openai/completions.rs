@@ -115,7 +115,7 @@ impl TextStream {
                     sse::data(&mut out, &self.chunk(text, lp, None));
                     return Some(out);
                 }
-                TokenEvent::Finished { reason, text_tail, usage } => {
+                TokenEvent::Finished { reason, text_tail, usage, .. } => {
                     self.done = true;
                     let last = self.chunk(text_tail, None, Some(finish_reason(reason)));
                     sse::data(&mut out, &last);

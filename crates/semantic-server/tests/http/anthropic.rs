@@ -55,6 +55,20 @@ fn stop_sequences_report_stop_sequence() {
 }
 
 #[test]
+fn the_matching_one_of_several_stop_sequences_is_reported() {
+    let body = json!({"max_tokens": 30, "temperature": 0,
+        "messages": [{"role": "user", "content": "Count from one to ten in words."}]});
+    let full = messages(body.clone(), &[]);
+    let text = full["content"][0]["text"].as_str().unwrap().to_string();
+    let word = text.split_whitespace().nth(2).expect("three words").to_string();
+    let mut b = body;
+    b["stop_sequences"] = json!(["zzzz-never", word.clone(), "qqqq-never"]);
+    let m = messages(b, &[]);
+    assert_eq!(m["stop_reason"], "stop_sequence");
+    assert_eq!(m["stop_sequence"], json!(word));
+}
+
+#[test]
 fn a_second_turn_reads_the_agent_cache() {
     let first = json!({"max_tokens": 8, "temperature": 0,
         "messages": [{"role": "user", "content": "Name a fruit."}]});
