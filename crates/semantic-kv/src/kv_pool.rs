@@ -93,7 +93,7 @@ impl KvPool {
         Self {
             layout,
             blocks: BlockPool::new(n_blocks),
-            data: vec![f16::ZERO; n_blocks * layout.block_elems()],
+            data: zeroed(n_blocks * layout.block_elems()),
             prefix: PrefixIndex::new(n_blocks),
         }
     }
@@ -262,6 +262,17 @@ impl KvPool {
             }
         }
     }
+}
+
+/// A zero-filled buffer from `alloc_zeroed`: the OS hands out zero pages
+/// lazily, so an untouched pool costs no RSS (`vec![f16::ZERO; n]` writes
+/// every element and made the whole pool resident at start).
+fn zeroed(n: usize) -> Vec<f16> {
+    let bits: Vec<u16> = vec![0u16; n];
+    let mut bits = std::mem::ManuallyDrop::new(bits);
+    // SAFETY: f16 is a transparent wrapper of u16 with the same layout and
+    // alignment, and every u16 bit pattern is a valid f16 (0 is +0.0).
+    unsafe { Vec::from_raw_parts(bits.as_mut_ptr() as *mut f16, bits.len(), bits.capacity()) }
 }
 
 #[cfg(test)]
