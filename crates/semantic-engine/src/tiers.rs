@@ -30,8 +30,8 @@ use semantic_store::{
     WarmEntry, WarmIndex, WriteOptions,
 };
 
-/// Bytes of K/V copied into snapshots per engine loop turn (about 1-2 ms).
-pub const COPY_BYTES_PER_TURN: usize = 16 << 20;
+/// Bytes of K/V copied into snapshots per engine loop turn (about 1 ms).
+pub const COPY_BYTES_PER_TURN: usize = 8 << 20;
 
 #[derive(Clone, Debug)]
 pub struct PersistConfig {

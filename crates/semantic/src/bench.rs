@@ -9,42 +9,65 @@ use semantic_core::{LogitsWanted, SeqStep, StepPlan};
 use semantic_kv::{BlockTable, KvPool};
 use semantic_model::LlamaModel;
 
+/// What `semantic bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKind {
+    /// Model-level kernels in process (prefill, decode, batched decode, RSS),
+    /// beside llama-bench.
+    Engine,
+    /// Aggregate throughput of 1, 3, 5, 8 agents and inter-token latency
+    /// during a prefill, over HTTP.
+    Batching,
+    /// Cache save/load (server-side timings) and resume TTFT at 2K/4K/8K
+    /// tokens for each KV codec.
+    Resume,
+    /// RSS and KV per agent, block padding, theory, leak check.
+    Memory,
+    /// Model load, batching, resume and memory into one report.
+    All,
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to measure: `engine` (model-level kernels, in process) or
-    /// `batching` (aggregate throughput of 1, 3, 5, 8 agents over HTTP).
-    #[arg(default_value = "engine")]
-    what: String,
-    /// Measure this OpenAI-compatible server instead of starting our own.
-    #[arg(long)]
-    target: Option<String>,
-    /// Also run the HTTP benchmarks against llama.cpp's llama-server (built
-    /// by ../shared/peers/llama-server.sh), with -np N for N agents.
-    #[arg(long)]
-    compare_llama: bool,
-    #[arg(long, env = "SEMANTIC_BENCHMARK_MODEL")]
-    model: Option<PathBuf>,
-    /// Fewer and shorter runs.
+    #[arg(value_enum, default_value = "engine")]
+    pub what: BenchKind,
+    /// Fewer and shorter runs (under 5 minutes for `all`).
     #[arg(long, env = "SEMANTIC_BENCHMARK_QUICK")]
-    quick: bool,
-    /// llama-bench binary for the side-by-side figures (default: the one
-    /// ../shared/peers/llama-server.sh builds, if present).
+    pub quick: bool,
+    /// The results file.
+    #[arg(long, env = "SEMANTIC_BENCHMARK_OUTPUT", default_value = "benchmark_results.json")]
+    pub output: PathBuf,
+    /// Where REPORT.md and its SVG charts go (default: beside --output).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Measure this OpenAI-compatible server instead of starting ours
+    /// (throughput and TTFT cold/warm only).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Also measure llama.cpp's llama-server (built by
+    /// ../shared/peers/llama-server.sh) in the same run, where it applies.
+    #[arg(long)]
+    pub compare_llama: bool,
+    #[arg(long, env = "SEMANTIC_BENCHMARK_MODEL")]
+    pub model: Option<PathBuf>,
+    /// llama-server binary (default: the one llama-server.sh builds).
+    #[arg(long, env = "LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
+    /// llama-bench binary for `engine` (default: beside llama-server).
     #[arg(long, env = "LLAMA_BENCH")]
-    llama_bench: Option<PathBuf>,
+    pub llama_bench: Option<PathBuf>,
+    /// A note for the report (repeatable): conditions of the run.
+    #[arg(long = "note", value_name = "TEXT")]
+    pub notes: Vec<String>,
+    /// KV pool of the server under test, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_pool_mb: usize,
 }
 
 pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
-    match a.what.as_str() {
-        "engine" => run_engine(home, a),
-        "batching" => crate::bench_http::batching(
-            home,
-            &a.target,
-            a.model.as_deref(),
-            a.quick,
-            a.compare_llama,
-            a.llama_bench.as_deref(),
-        ),
-        other => Err(crate::UsageError(format!("unknown benchmark `{other}` (available: engine, batching)")).into()),
+    match a.what {
+        BenchKind::Engine => run_engine(home, a),
+        _ => crate::bench_http::run(home, a),
     }
 }
 
@@ -73,25 +96,15 @@ fn run_engine(home: &Path, a: BenchArgs) -> Result<()> {
         rows.push((format!("prefill {n} tokens (tok/s)"), tps));
     }
     for ctx in [100, 2000] {
-        let tps = best(reps, || {
-            decode_tok_s(model, &mut pool, 1, ctx, if a.quick { 32 } else { 64 })
-        });
+        let tps = best(reps, || decode_tok_s(model, &mut pool, 1, ctx, if a.quick { 32 } else { 64 }));
         rows.push((format!("decode 1 seq at ~{ctx} ctx (tok/s)"), tps));
     }
     for b in [1, 3, 5, 8] {
-        let tps = best(reps, || {
-            decode_tok_s(model, &mut pool, b, 128, if a.quick { 32 } else { 64 })
-        });
-        rows.push((
-            format!("aggregate decode, {b} seqs at 128 ctx (tok/s)"),
-            tps,
-        ));
+        let tps = best(reps, || decode_tok_s(model, &mut pool, b, 128, if a.quick { 32 } else { 64 }));
+        rows.push((format!("aggregate decode, {b} seqs at 128 ctx (tok/s)"), tps));
     }
     rows.push(("RSS after load (MiB)".into(), rss_loaded));
-    rows.push((
-        "RSS budget: weights + 100 MiB (MiB)".into(),
-        model.weight_bytes() as f64 / 1048576.0 + 100.0,
-    ));
+    rows.push(("RSS budget: weights + 100 MiB (MiB)".into(), model.weight_bytes() as f64 / 1048576.0 + 100.0));
     rows.push(("RSS now, pool touched (MiB)".into(), rss_mib()));
     println!("\n| metric | semantic |\n|---|---|");
     for (k, v) in &rows {
@@ -110,9 +123,7 @@ fn best(reps: usize, mut f: impl FnMut() -> f64) -> f64 {
 }
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| 100 + (i * 7919 + salt * 104_729) % 40_000)
-        .collect()
+    (0..n as u32).map(|i| 100 + (i * 7919 + salt * 104_729) % 40_000).collect()
 }
 
 fn prefill_tok_s(model: &LlamaModel, pool: &mut KvPool, n: usize) -> f64 {
@@ -121,11 +132,7 @@ fn prefill_tok_s(model: &LlamaModel, pool: &mut KvPool, n: usize) -> f64 {
     let toks = tokens(n, 1);
     let t = Instant::now();
     for (i, c) in toks.chunks(512).enumerate() {
-        let logits = if (i + 1) * 512 >= n {
-            LogitsWanted::Last
-        } else {
-            LogitsWanted::None
-        };
+        let logits = if (i + 1) * 512 >= n { LogitsWanted::Last } else { LogitsWanted::None };
         let plan = StepPlan {
             seqs: vec![SeqStep {
                 tokens: c.to_vec(),
@@ -184,24 +191,15 @@ fn decode_tok_s(model: &LlamaModel, pool: &mut KvPool, b: usize, ctx: usize, ste
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<f64>().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
 pub(crate) fn default_llama_bench() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
-    let p =
-        PathBuf::from(home).join(".cache/semantic-peers/llama.cpp-0.3.36/build/bin/llama-bench");
+    let p = PathBuf::from(home).join(".cache/semantic-peers/llama.cpp-0.3.36/build/bin/llama-bench");
     p.exists().then_some(p)
 }
 
@@ -211,9 +209,7 @@ fn llama_bench(bin: &Path, model: &Path, quick: bool) -> Result<()> {
     let out = std::process::Command::new(bin)
         .args(["-m"])
         .arg(model)
-        .args([
-            "-t", "2", "-p", "512,2048", "-n", "128", "-r", reps, "-o", "md",
-        ])
+        .args(["-t", "2", "-p", "512,2048", "-n", "128", "-r", reps, "-o", "md"])
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     println!("{}", String::from_utf8_lossy(&out.stdout));

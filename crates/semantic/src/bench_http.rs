@@ -1,109 +1,116 @@
-//! `semantic bench batching`: aggregate throughput over HTTP with 1, 3, 5 and
-//! 8 concurrent agents, and inter-token latency while another agent
-//! prefills a long prompt; the same runs against llama-server with
-//! `--compare-llama` (its `-np N` for N agents), in the same session.
+//! `semantic bench batching|resume|memory|all`: the HTTP benchmark suite of
+//! `semantic-bench` against this binary's own `serve` (or `--target`), with
+//! llama-server beside it on `--compare-llama`; writes the results JSON and
+//! the Markdown report with its charts.
 
-use std::path::Path;
-use std::process::Command;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use semantic_bench::batching::{itl_under_prefill, run_batch, BatchRun};
-use semantic_bench::client::Client;
-use semantic_bench::server::{free_port, ServerProcess};
+use indicatif::{ProgressBar, ProgressStyle};
+use semantic_bench::server::default_llama_server;
+use semantic_bench::suite::workspace_root;
+use semantic_bench::{Group, Progress, StderrProgress, Suite, SuiteConfig};
 
-const AGENTS: [usize; 4] = [1, 3, 5, 8];
+use crate::bench::{BenchArgs, BenchKind};
 
-pub fn batching(home: &Path, target: &Option<String>, model: Option<&Path>, quick: bool, compare_llama: bool, llama_bench: Option<&Path>) -> Result<()> {
-    let model_path = match model {
-        Some(p) => p.to_owned(),
+/// One progress bar per stage.
+#[derive(Default)]
+struct Bars {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress for Bars {
+    fn stage(&mut self, name: &str, steps: u64) {
+        self.finish();
+        let style = ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} {elapsed:>4} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let bar = ProgressBar::new(steps.max(1)).with_style(style).with_prefix(name.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+            b.set_message(msg.to_owned());
+        }
+    }
+
+    fn note(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("note: {msg}")),
+            None => eprintln!("note: {msg}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+fn groups(what: BenchKind) -> &'static [Group] {
+    match what {
+        BenchKind::Batching => &[Group::Batching],
+        BenchKind::Resume => &[Group::Cache],
+        BenchKind::Memory => &[Group::Memory],
+        BenchKind::All | BenchKind::Engine => &[Group::ModelLoad, Group::Batching, Group::Cache, Group::Memory],
+    }
+}
+
+fn config(home: &Path, a: BenchArgs) -> Result<SuiteConfig> {
+    let model = match a.model {
+        Some(p) => p,
         None => crate::pull::ensure_default(home)?,
     };
-    let (gen, prompts): (usize, &[usize]) = if quick { (64, &[128]) } else { (200, &[128, 1024]) };
-    let ours = match target {
-        Some(url) => Side { name: url.clone(), runs: measure(&Client::new(url), gen, prompts, None)? },
-        None => {
-            let port = free_port()?;
-            let cache = std::env::temp_dir().join(format!("semantic-bench-{}", std::process::id()));
-            let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.args(["serve", "--port", &port.to_string(), "--kv-pool-mb", "2048", "--model"]).arg(&model_path).arg("--cache-dir").arg(&cache);
-            let server = ServerProcess::start(cmd, port, "/health/ready", Duration::from_secs(120)).context("starting `semantic serve`")?;
-            let runs = measure(&Client::new(&server.url), gen, prompts, None)?;
-            drop(server);
-            let _ = std::fs::remove_dir_all(&cache);
-            Side { name: "semantic".into(), runs }
-        }
-    };
-    let mut sides = vec![ours];
-    if compare_llama {
-        let bin = llama_bench
-            .map(|p| p.with_file_name("llama-server"))
-            .or_else(|| crate::bench::default_llama_bench().map(|p| p.with_file_name("llama-server")))
-            .context("llama-server not found: build it with ../shared/peers/llama-server.sh")?;
-        sides.push(Side { name: "llama-server".into(), runs: measure_llama(&bin, &model_path, gen, prompts)? });
-    }
-    print_table(&sides);
-    Ok(())
+    let llama_server =
+        if a.compare_llama {
+            let bin = a.llama_server.or_else(default_llama_server);
+            Some(bin.context(
+                "llama-server not found: build it with ../shared/peers/llama-server.sh or pass --llama-server",
+            )?)
+        } else {
+            None
+        };
+    let report_dir = a.report.unwrap_or_else(|| match a.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    });
+    let root = workspace_root();
+    Ok(SuiteConfig {
+        quick: a.quick,
+        model,
+        semantic_bin: std::env::current_exe().context("locating this binary")?,
+        llama_server,
+        target: a.target,
+        output: a.output,
+        report_dir,
+        kv_pool_mb: a.kv_pool_mb,
+        repo: if root.join(".git").exists() { root } else { std::env::current_dir()? },
+    })
 }
 
-struct Side {
-    name: String,
-    runs: Vec<(BatchRun, Option<(Duration, Duration)>)>,
-}
-
-/// Every agent count at every prompt length, plus the ITL run.
-fn measure(client: &Client, gen: usize, prompts: &[usize], np: Option<usize>) -> Result<Vec<(BatchRun, Option<(Duration, Duration)>)>> {
-    // Warm-up: the first request pays one-time costs.
-    run_batch(client, 1, 32, 8, 999_999)?;
-    let mut out = Vec::new();
-    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    for &p in prompts {
-        for &n in AGENTS.iter().filter(|&&n| np.is_none_or(|np| np == n)) {
-            let r = run_batch(client, n, p, gen, nonce * 100 + (p + n) as u64)?;
-            eprintln!("  {n} agents, {p}-token prompts: {:.1} tok/s", r.aggregate_tok_s);
-            out.push((r, None));
-        }
+pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
+    let groups = groups(a.what);
+    let notes = a.notes.clone();
+    let cfg = config(home, a)?;
+    // Progress bars on a terminal, plain lines in a log.
+    let progress: Box<dyn Progress> =
+        if std::io::stderr().is_terminal() { Box::new(Bars::default()) } else { Box::new(StderrProgress::default()) };
+    let mut suite = Suite::new(cfg, progress)?;
+    suite.results.metadata.notes.extend(notes);
+    // Whatever was measured is written, also when a later part fails.
+    let res = suite.run(groups);
+    let report = suite.publish(false)?;
+    println!("\n| criterion | source | threshold | measured | verdict |\n|---|---|---|---|---|");
+    for v in &suite.results.verdicts {
+        let measured = v.measured.map_or("–".into(), |x| format!("{x:.2} {}", v.unit));
+        println!("| {} | {} | {} | {measured} | {} |", v.criterion, v.source, v.threshold, v.status.label());
     }
-    if np.is_none_or(|np| np == 1) {
-        let itl = itl_under_prefill(client, 2048, gen, nonce)?;
-        if let Some(last) = out.first_mut() {
-            last.1 = Some(itl);
-        }
-    }
-    Ok(out)
-}
-
-fn measure_llama(bin: &Path, model: &Path, gen: usize, prompts: &[usize]) -> Result<Vec<(BatchRun, Option<(Duration, Duration)>)>> {
-    let mut out = Vec::new();
-    for &n in &AGENTS {
-        let port = free_port()?;
-        let ctx = n * (prompts.iter().max().copied().unwrap_or(128) + gen + 256).max(2048 + gen + 256);
-        let mut cmd = Command::new(bin);
-        cmd.arg("-m").arg(model).args(["-t", "2", "-np", &n.to_string(), "-c", &ctx.to_string(), "--port", &port.to_string()]);
-        let server = ServerProcess::start(cmd, port, "/health", Duration::from_secs(120)).context("starting llama-server")?;
-        out.extend(measure(&Client::new(&server.url), gen, prompts, Some(n))?);
-    }
-    Ok(out)
-}
-
-fn print_table(sides: &[Side]) {
-    println!("\n| server | agents | prompt tokens | aggregate tok/s | per-agent tok/s | speedup vs 1 | TTFT p50 ms | ITL p50 ms | ITL p99 ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for side in sides {
-        for (r, _) in &side.runs {
-            let base = side.runs.iter().find(|(b, _)| b.agents == 1 && b.prompt_tokens.abs_diff(r.prompt_tokens) < 64).map(|(b, _)| b.aggregate_tok_s);
-            let speedup = base.map(|b| r.aggregate_tok_s / b).unwrap_or(f64::NAN);
-            println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.2}x | {:.0} | {:.1} | {:.1} |",
-                side.name, r.agents, r.prompt_tokens, r.aggregate_tok_s, r.per_agent_tok_s, speedup,
-                r.ttft_p50.as_secs_f64() * 1e3, r.itl_p50.as_secs_f64() * 1e3, r.itl_p99.as_secs_f64() * 1e3
-            );
-        }
-        if let Some((_, Some((p50, p99)))) = side.runs.first() {
-            println!(
-                "| {} | ITL of 1 decoding agent while another prefills 2048 tokens: p50 {:.1} ms, p99 {:.1} ms ({:.1}x) |",
-                side.name, p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, p99.as_secs_f64() / p50.as_secs_f64().max(1e-9)
-            );
-        }
-    }
+    println!("\nresults: {}\nreport:  {}", suite.cfg.output.display(), report.display());
+    res.context("benchmark failed (partial results written)")
 }

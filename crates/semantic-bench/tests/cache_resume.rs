@@ -1,0 +1,57 @@
+//! Cache save, load and resume at 2K, 4K and 8K tokens for each KV codec,
+//! with the server's own save/load timings. The four tests share one
+//! measurement run (the first test to run pays for it). Run: `cargo test
+//! --release -p semantic-bench --test cache_resume -- --ignored --nocapture`.
+
+mod common;
+
+use common::{assert_measured, named, publish, show, suite};
+use semantic_bench::{Group, Record};
+
+fn cache_records(name: &str) -> Vec<Record> {
+    let mut s = suite();
+    s.resume_outcome().unwrap();
+    let recs: Vec<Record> = named(&s.results.records, name).into_iter().filter(|r| r.group == Group::Cache).collect();
+    show(&recs);
+    publish(&mut s);
+    recs
+}
+
+fn semantic_only(recs: &[Record]) -> Vec<Record> {
+    recs.iter().filter(|r| r.server == "semantic").cloned().collect()
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn cache_save_time_2k_4k_8k_tokens() {
+    let recs = semantic_only(&cache_records("cache_save_time"));
+    assert_measured(&recs, "save_ms");
+    assert_measured(&recs, "file_mib");
+    for codec in ["f16", "q8_0", "q4_0"] {
+        assert!(recs.iter().any(|r| r.param_str("codec") == Some(codec)), "no {codec} saves");
+    }
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn cache_load_time_2k_4k_8k_tokens() {
+    let recs = semantic_only(&cache_records("cache_load_time"));
+    assert_measured(&recs, "load_ms");
+    assert_measured(&recs, "load_ms_after_restart");
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn resume_generation_speed() {
+    let recs = semantic_only(&cache_records("resume_generation_speed"));
+    assert_measured(&recs, "ttft_warm_disk_ms");
+    assert_measured(&recs, "ttft_after_restart_ms");
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn cold_start_vs_cache_resume() {
+    let recs = semantic_only(&cache_records("cold_start_vs_cache_resume"));
+    assert_measured(&recs, "ttft_cold_ms");
+    assert_measured(&recs, "speedup_disk_x");
+}
