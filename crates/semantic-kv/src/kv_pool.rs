@@ -93,7 +93,7 @@ impl KvPool {
         Self {
             layout,
             blocks: BlockPool::new(n_blocks),
-            data: zeroed(n_blocks * layout.block_elems()),
+            data: zeroed_f16(n_blocks * layout.block_elems()),
             prefix: PrefixIndex::new(n_blocks),
         }
     }
@@ -264,10 +264,11 @@ impl KvPool {
     }
 }
 
-/// A zero-filled buffer from `alloc_zeroed`: the OS hands out zero pages
-/// lazily, so an untouched pool costs no RSS (`vec![f16::ZERO; n]` writes
-/// every element and made the whole pool resident at start).
-fn zeroed(n: usize) -> Vec<f16> {
+/// A zero-filled f16 buffer from a zeroed allocation: the OS hands out zero
+/// pages lazily, so untouched memory costs no RSS (`vec![f16::ZERO; n]`
+/// writes every element: it made a whole 1 GiB pool resident at start, and
+/// filling an 8K-token cache snapshot stalled the engine for tens of ms).
+pub fn zeroed_f16(n: usize) -> Vec<f16> {
     let bits: Vec<u16> = vec![0u16; n];
     let mut bits = std::mem::ManuallyDrop::new(bits);
     // SAFETY: f16 is a transparent wrapper of u16 with the same layout and

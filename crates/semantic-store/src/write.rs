@@ -82,21 +82,11 @@ pub struct KvSnapshot {
     data: Vec<f16>,
 }
 
-/// Zeroed f16 buffer from `calloc`: no page is touched until written (a
-/// `vec![f16::ZERO; n]` fill of an 8K-token snapshot stalled the engine
-/// thread for tens of milliseconds).
-fn zeroed_f16(n: usize) -> Vec<f16> {
-    let mut bits = std::mem::ManuallyDrop::new(vec![0u16; n]);
-    // SAFETY: f16 is a transparent u16 with the same layout; every bit
-    // pattern is a valid f16 and 0 is +0.0.
-    unsafe { Vec::from_raw_parts(bits.as_mut_ptr() as *mut f16, bits.len(), bits.capacity()) }
-}
-
 impl KvSnapshot {
     /// A zeroed snapshot of `n_tokens` positions.
     pub fn new(dims: KvDims, n_tokens: usize) -> Self {
         let len = dims.n_layers * 2 * dims.n_kv_heads * n_tokens * dims.head_dim;
-        Self { dims, n_tokens, data: zeroed_f16(len) }
+        Self { dims, n_tokens, data: semantic_kv::zeroed_f16(len) }
     }
 
     /// Copies positions `0..n_tokens` of the sequence with `blocks`.
