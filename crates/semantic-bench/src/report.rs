@@ -390,6 +390,16 @@ fn points(recs: &[&Record], x: &str, metric: &str) -> Vec<(f64, f64)> {
     recs.iter().filter_map(|r| Some((r.param_u64(x)? as f64, r.get(metric)?))).collect()
 }
 
+/// "Memory for cached agents (2K tokens each)", from the records.
+fn memory_title(r: &Results) -> String {
+    let per_agent =
+        r.find(Group::Memory, "memory_per_agent").find_map(|x| Some(x.get("tokens")? / x.param_u64("agents")? as f64));
+    match per_agent {
+        Some(t) => format!("Memory for cached agents ({} tokens each)", crate::context::Plan::size_label(t as usize)),
+        None => "Memory for cached agents".into(),
+    }
+}
+
 /// The three charts: throughput vs agents, TTFT vs context, memory vs agents.
 pub fn charts(r: &Results) -> Vec<(&'static str, LineChart)> {
     let mut tp = Vec::new();
@@ -453,7 +463,7 @@ pub fn charts(r: &Results) -> Vec<(&'static str, LineChart)> {
     vec![
         (THROUGHPUT_SVG, chart("Aggregate throughput vs concurrent agents", "agents", "generated tokens/s", tp, false)),
         (TTFT_SVG, chart("Time to first token vs cached context (f16)", "context tokens", "TTFT ms (log)", ttft, true)),
-        (MEMORY_SVG, chart("Memory for cached agents (2K tokens each)", "agents", "MiB", mem, false)),
+        (MEMORY_SVG, chart(&memory_title(r), "agents", "MiB", mem, false)),
     ]
 }
 
@@ -534,6 +544,7 @@ mod tests {
         );
         let mem = &c[2].1;
         assert_eq!(mem.series[0].name, "semantic: memory for the agents");
+        assert_eq!(mem.title, "Memory for cached agents (2K tokens each)");
         assert_eq!(mem.series[0].points, vec![(1.0, 55.0)]);
         assert_eq!(mem.series[1].points, vec![(1.0, 45.0)]);
         assert!((mem.series[2].points[0].1 - 2048.0 * 23_040.0 / 1048576.0).abs() < 1e-9);

@@ -32,7 +32,7 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Measure the engine (prefill, decode, batched decode, RSS).
+    /// Run benchmarks: engine kernels, batching, cache resume, memory, or all (one report).
     Bench(bench::BenchArgs),
 }
 
