@@ -36,6 +36,9 @@ pub struct Plan {
     pub leak_cycles: usize,
     pub leak_tokens: usize,
     pub load_reps: usize,
+    /// Prompts and greedy steps of the codec fidelity benchmark.
+    pub fidelity_prompts: usize,
+    pub fidelity_gen: usize,
 }
 
 impl Plan {
@@ -63,6 +66,8 @@ impl Plan {
             leak_cycles: 50,
             leak_tokens: pick(200, 500),
             load_reps: pick(1, 3),
+            fidelity_prompts: pick(2, 5),
+            fidelity_gen: pick(16, 32),
         }
     }
 

@@ -17,6 +17,12 @@ pub enum BenchError {
     },
     #[error("model {path}: {msg}")]
     Model { path: PathBuf, msg: String },
+    /// A forward pass of the in-process model (codec fidelity).
+    #[error("model forward: {0}")]
+    Forward(#[from] semantic_model::ModelError),
+    /// Saving or loading a cache file in process (codec fidelity).
+    #[error(transparent)]
+    Cache(#[from] semantic_store::CacheError),
     #[error("{name} did not start: {msg}")]
     ServerStart { name: String, msg: String },
     #[error("timed out after {seconds} s waiting for {what}")]

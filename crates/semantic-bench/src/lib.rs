@@ -9,6 +9,8 @@
 //!   resume.rs    save/load/resume per size and codec (agents API, agents.rs)
 //!   memory.rs    RSS and KV per agent, padding, theory, leak check
 //!   llama.rs     the same where llama-server has an equivalent
+//!   fidelity.rs  q8_0/q4_0 caches vs f16: greedy agreement, logit error
+//!                (in process on the model, through the real save/load path)
 //!   -> Results (results.rs: benchmark_results.json) -> verdicts (verdict.rs)
 //!   -> REPORT.md + SVG charts (report.rs, svg.rs)
 //! ```
@@ -19,6 +21,7 @@ pub mod batching;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod fidelity;
 pub mod llama;
 pub mod memory;
 pub mod meta;

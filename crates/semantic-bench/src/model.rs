@@ -93,14 +93,20 @@ impl ModelInfo {
         })
     }
 
-    /// Templated token count of a system + user chat, as the server counts it.
-    pub fn count(&self, system: &str, user: &str) -> Result<usize, BenchError> {
+    /// Token ids of a system + user chat through the chat template, with the
+    /// assistant turn opened, as the server tokenizes it.
+    pub fn chat_tokens(&self, system: &str, user: &str) -> Result<Vec<u32>, BenchError> {
         let bad = |msg: String| BenchError::Model { path: self.path.clone(), msg };
         let text = self
             .template
             .render(&[ChatMessage::system(system), ChatMessage::user(user)], true, None)
             .map_err(|e| bad(e.to_string()))?;
-        Ok(self.tokenizer.encode(&text).map_err(|e| bad(e.to_string()))?.len())
+        self.tokenizer.encode(&text).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Templated token count of a system + user chat, as the server counts it.
+    pub fn count(&self, system: &str, user: &str) -> Result<usize, BenchError> {
+        Ok(self.chat_tokens(system, user)?.len())
     }
 
     /// A prompt of at most `tokens` templated tokens (exactly, as far as the

@@ -256,6 +256,53 @@ fn cache_section(r: &Results) -> String {
     )
 }
 
+fn fidelity_section(r: &Results) -> String {
+    let rows: Vec<Vec<String>> = sorted(r, Group::CodecFidelity, crate::fidelity::NAME)
+        .into_iter()
+        .map(|x| {
+            let (c, n) = (|m, d| cell(Some(x), m, d), |k| x.param_u64(k).map_or("?".into(), |v| v.to_string()));
+            let mut row = vec![x.param_str("codec").unwrap_or("?").into(), x.param_str("prompt").unwrap_or("?").into()];
+            row.extend([
+                n("prompt_tokens"),
+                c("token_agreement", 3),
+                format!("{} / {}", c("identical_prefix", 0), n("gen_tokens")),
+            ]);
+            let same = x.get("first_argmax_same").map_or("–", |v| if v == 1.0 { "yes" } else { "**no**" });
+            row.push(format!("{same} ({})", c("first_top2_margin", 3)));
+            row.extend(
+                [("first_max_abs_dlogit", 4), ("first_rms_dlogit", 4), ("forced_mean_rms_dlogit", 4)]
+                    .map(|(m, d)| c(m, d)),
+            );
+            row.extend([c("forced_top1_agreement", 3), c("kv_worst_err_over_bound", 3)]);
+            row
+        })
+        .collect();
+    let heads = [
+        "codec",
+        "prompt",
+        "prompt tokens",
+        "greedy agreement",
+        "identical prefix",
+        "first-step argmax same (reference top-2 margin)",
+        "first-step max \\|Δlogit\\|",
+        "first-step rms Δlogit",
+        "teacher-forced mean rms Δlogit",
+        "teacher-forced top-1 agreement",
+        "K/V worst error / stated bound",
+    ];
+    format!(
+        "\n## {}\n\nIn process on the model: the prompt's K/V (all but its last token) saved with each codec and \
+         loaded back through the agent cache files, then greedy decoding from the f16 original and from the \
+         round-tripped copy. Agreement and identical prefix: the copy's own greedy tokens against the original's. \
+         First step: the logits of the prompt's last token over the loaded K/V (a flip where the original's top \
+         two logits are close says little). Teacher-forced: the copy fed the \
+         original's tokens, logits compared at every step. f16 is the control (lossless: agreement 1, error 0). \
+         K/V error over the codec's stated bound (`KvCodec::max_abs_error`) holds when at most 1.\n\n{}",
+        Group::CodecFidelity.title(),
+        table(&heads, &rows)
+    )
+}
+
 /// (metric, label, decimals) rows of a quantity/value/unit table.
 type Rows = &'static [(&'static str, &'static str, usize)];
 
@@ -368,6 +415,7 @@ pub fn markdown(r: &Results) -> String {
     s.push_str(&verdict_section(r));
     s.push_str(&batching_section(r));
     s.push_str(&cache_section(r));
+    s.push_str(&fidelity_section(r));
     s.push_str(&memory_section(r));
     s.push_str(&load_section(r));
     let shown_elsewhere = ["block_padding_overhead", "model_load_time"];
@@ -502,6 +550,17 @@ mod tests {
                 .value("kv_mib", "MiB", 45.0)
                 .value("tokens", "tokens", 2048.0),
         );
+        r.upsert(
+            Record::new(Group::CodecFidelity, crate::fidelity::NAME, "semantic")
+                .param("codec", "q4_0")
+                .param("prompt", "story")
+                .param("prompt_tokens", 60)
+                .param("gen_tokens", 32)
+                .value("token_agreement", "fraction", 0.75)
+                .value("identical_prefix", "tokens", 12.0)
+                .value("first_argmax_same", "bool", 1.0)
+                .value("first_top2_margin", "logit", 0.5),
+        );
         r.verdicts = crate::verdict::verdicts(&r);
         r.metadata.notes.push("other builds were running".into());
         r
@@ -515,6 +574,7 @@ mod tests {
             "## Verdicts",
             "## Batching performance",
             "## Cache save",
+            "## KV codec fidelity",
             "## Memory utilization",
             "## Model load",
             "## Notes",
@@ -523,6 +583,7 @@ mod tests {
         }
         assert!(md.contains("| semantic | 3 | 128 | ? | 255.0 (250.0–260.0) |"), "{md}");
         assert!(md.contains("| semantic | f16 | 2K | – | – | 28.0 |"));
+        assert!(md.contains("| q4_0 | story | 60 | 0.750 | 12 / 32 | yes (0.500) | – |"), "{md}");
         assert!(md.contains("2200"));
         assert!(md.contains("**Poor**") || md.contains("Good"));
         assert!(md.contains("other builds were running"));

@@ -37,6 +37,7 @@ pub enum Group {
     ModelLoad,
     Batching,
     Cache,
+    CodecFidelity,
     Memory,
 }
 
@@ -46,6 +47,7 @@ impl Group {
             Group::ModelLoad => "Model load",
             Group::Batching => "Batching performance",
             Group::Cache => "Cache save, load and resume",
+            Group::CodecFidelity => "KV codec fidelity vs f16",
             Group::Memory => "Memory utilization",
         }
     }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::batching;
 use crate::context::{Ctx, Plan, Progress, Target};
 use crate::error::BenchError;
+use crate::fidelity;
 use crate::llama::{self, Llama};
 use crate::memory::{self, MemoryOutcome};
 use crate::meta;
@@ -243,6 +244,7 @@ impl Suite {
                 Group::ModelLoad => self.model_load().map(drop)?,
                 Group::Batching => self.throughput_comparison().map(drop)?,
                 Group::Cache => self.resume_outcome().map(drop)?,
+                Group::CodecFidelity => self.codec_fidelity().map(drop)?,
                 Group::Memory => {
                     self.memory_outcome()?;
                     self.leak_check()?;
@@ -354,6 +356,20 @@ impl Suite {
             self.add(l.records());
         }
         Ok(())
+    }
+
+    /// Greedy agreement and logit error of q8_0/q4_0 caches against f16,
+    /// in process on the model (no server), through the cache files.
+    pub fn codec_fidelity(&mut self) -> Result<Vec<Record>, BenchError> {
+        if self.cfg.target.is_some() {
+            self.note("codec fidelity: not measured for --target (it runs semantic's own model in process)".into());
+            return Ok(Vec::new());
+        }
+        self.progress.stage("codec fidelity", self.plan.fidelity_prompts as u64);
+        let dir = self.work.fresh("fidelity-cache");
+        let out = fidelity::codec_fidelity(&mut ctx!(self), &dir)?;
+        self.add(out.clone());
+        Ok(out)
     }
 
     /// Memory with 1, 5, 10 agents, padding, ratios, theory; run once.

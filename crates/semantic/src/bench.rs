@@ -19,11 +19,12 @@ pub enum BenchKind {
     /// during a prefill, over HTTP.
     Batching,
     /// Cache save/load (server-side timings) and resume TTFT at 2K/4K/8K
-    /// tokens for each KV codec.
+    /// tokens for each KV codec, and each codec's greedy agreement and
+    /// logit error against f16 (in process).
     Resume,
     /// RSS and KV per agent, block padding, theory, leak check.
     Memory,
-    /// Model load, batching, resume and memory into one report.
+    /// Model load, batching, resume, codec fidelity and memory into one report.
     All,
 }
 

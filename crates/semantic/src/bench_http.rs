@@ -56,9 +56,11 @@ impl Progress for Bars {
 fn groups(what: BenchKind) -> &'static [Group] {
     match what {
         BenchKind::Batching => &[Group::Batching],
-        BenchKind::Resume => &[Group::Cache],
+        BenchKind::Resume => &[Group::Cache, Group::CodecFidelity],
         BenchKind::Memory => &[Group::Memory],
-        BenchKind::All | BenchKind::Engine => &[Group::ModelLoad, Group::Batching, Group::Cache, Group::Memory],
+        BenchKind::All | BenchKind::Engine => {
+            &[Group::ModelLoad, Group::Batching, Group::Cache, Group::CodecFidelity, Group::Memory]
+        }
     }
 }
 
