@@ -155,39 +155,64 @@ pub struct Engine {
     tiers: Option<Tiers>,
 }
 
-/// Running estimates of step costs, to size prefill chunks next to decodes.
+/// Running estimates of step costs, to size prefill chunks next to decodes:
+/// a time budget (as in Sarathi-Serve), not a token count, because a
+/// prefill token's cost grows with its position (at 2000 tokens of context
+/// attention makes it several times dearer than at 0).
 #[derive(Debug, Default)]
 struct Pace {
     factor: f64,
-    /// Decode-only step time (ms), EMA.
-    decode_ms: Option<f64>,
-    /// Prefill cost per token (ms), EMA.
+    /// Decode-only step time (ms) by number of decodes, EMA.
+    decode_ms: Vec<Option<f64>>,
+    /// Prefill cost per token (ms) in recent steps, EMA: it follows the
+    /// context as a prefill advances.
     prefill_ms_per_token: Option<f64>,
 }
 
+/// The smallest prefill chunk next to decodes, so a prefill always advances.
+const MIN_PREFILL_CHUNK: usize = 2;
+
 impl Pace {
-    fn observe(&mut self, st: &StepStats) {
-        let ms = st.time.as_secs_f64() * 1e3;
-        // Prefill cost per token grows with the context, so adapt quickly.
-        let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.5 * o + 0.5 * new));
-        if st.prefill_tokens == 0 && st.decode_tokens > 0 {
-            self.decode_ms = ema(self.decode_ms, ms);
-        } else if st.prefill_tokens >= 16 {
-            let decode = if st.decode_tokens > 0 { self.decode_ms.unwrap_or(0.0) } else { 0.0 };
-            let per = ((ms - decode) / st.prefill_tokens as f64).max(1e-3);
-            self.prefill_ms_per_token = ema(self.prefill_ms_per_token, per);
-        }
+    /// Decode-only step time for `decodes` sequences, else for the nearest
+    /// batch size measured.
+    fn decode_ms(&self, decodes: usize) -> Option<f64> {
+        let known = self.decode_ms.iter().enumerate().filter_map(|(b, ms)| ms.map(|ms| (b.abs_diff(decodes), ms)));
+        known.min_by_key(|&(distance, _)| distance).map(|(_, ms)| ms)
     }
 
-    /// Prefill tokens allowed in a step that also decodes; before the
-    /// first estimates, a small chunk.
-    fn prefill_cap(&self) -> usize {
+    fn observe(&mut self, st: &StepStats) {
+        let ms = st.time.as_secs_f64() * 1e3;
+        let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.6 * o + 0.4 * new));
+        if st.prefill_tokens == 0 {
+            if st.decode_tokens > 0 {
+                if self.decode_ms.len() <= st.decode_tokens {
+                    self.decode_ms.resize(st.decode_tokens + 1, None);
+                }
+                self.decode_ms[st.decode_tokens] = ema(self.decode_ms[st.decode_tokens], ms);
+            }
+            return;
+        }
+        let decode = match st.decode_tokens {
+            0 => 0.0,
+            d => match self.decode_ms(d) {
+                Some(ms) => ms,
+                None => return,
+            },
+        };
+        let per = ((ms - decode) / st.prefill_tokens as f64).max(1e-3);
+        self.prefill_ms_per_token = ema(self.prefill_ms_per_token, per);
+    }
+
+    /// Prefill tokens allowed in a step with `decodes` decodes, so that it
+    /// takes about `factor` times a decode-only step; before the first
+    /// estimates, a small chunk.
+    fn prefill_cap(&self, decodes: usize) -> usize {
         if self.factor <= 1.0 {
             return usize::MAX;
         }
-        match (self.decode_ms, self.prefill_ms_per_token) {
-            (Some(d), Some(p)) => (((self.factor - 1.0) * d / p) as usize).max(8),
-            _ => 32,
+        match (self.decode_ms(decodes), self.prefill_ms_per_token) {
+            (Some(d), Some(p)) => (((self.factor - 1.0) * d / p) as usize).max(MIN_PREFILL_CHUNK),
+            _ => 16,
         }
     }
 }
@@ -420,7 +445,7 @@ impl Engine {
                 salt: self.salt,
                 tiers: self.tiers.as_mut(),
             };
-            self.sched.schedule_with(&mut ctx, self.pace.prefill_cap())
+            self.sched.schedule_with(&mut ctx, &|decodes| self.pace.prefill_cap(decodes))
         };
         self.stats.preemptions += schedule.preempted.len() as u64;
         if schedule.work.is_empty() {
@@ -721,5 +746,31 @@ impl Blocks for BlockCtx<'_> {
             s.hits = hits + u64::from(computed > 0);
         }
         computed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(prefill_tokens: usize, decode_tokens: usize, ms: u64) -> StepStats {
+        StepStats { seqs: 0, prefill_tokens, decode_tokens, time: Duration::from_millis(ms) }
+    }
+
+    #[test]
+    fn pace_sizes_prefill_chunks_by_time() {
+        let mut pace = Pace { factor: 2.5, ..Pace::default() };
+        assert_eq!(pace.prefill_cap(1), 16, "no estimate yet");
+        pace.observe(&step(0, 1, 4));
+        pace.observe(&step(0, 4, 8));
+        pace.observe(&step(100, 0, 100));
+        // 1.5 x 4 ms at 1 ms per prefill token; 1.5 x 8 ms with 4 decodes.
+        assert_eq!((pace.prefill_cap(1), pace.prefill_cap(4), pace.prefill_cap(3)), (6, 12, 12));
+        // Deep in a long prompt a token costs 4 ms: the chunk shrinks, never below the floor.
+        for _ in 0..20 {
+            pace.observe(&step(4, 1, 20));
+        }
+        assert_eq!(pace.prefill_cap(1), MIN_PREFILL_CHUNK);
+        assert_eq!(Pace { factor: 0.0, ..Pace::default() }.prefill_cap(1), usize::MAX);
     }
 }

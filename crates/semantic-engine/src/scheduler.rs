@@ -13,7 +13,8 @@
 //!    the waiting queue and resumes from what is still cached).
 //!
 //! A long prefill therefore never holds decodes back: decodes are planned
-//! first and a prefill only takes what is left of the budget.
+//! first and a prefill only takes what is left of the budget. The engine may
+//! cap that rest further (see [`Scheduler::schedule_with`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -153,14 +154,16 @@ impl Scheduler {
 
     /// Plans one step with the full token budget.
     pub fn schedule(&mut self, blocks: &mut dyn Blocks) -> StepSchedule {
-        self.schedule_with(blocks, usize::MAX)
+        self.schedule_with(blocks, &|_| usize::MAX)
     }
 
-    /// Plans one step; when any sequence decodes in it, prefill chunks get
-    /// at most `prefill_cap` tokens (the engine sizes it so a mixed step
-    /// stays within a few decode steps: inter-token latency stays smooth
-    /// while another agent prefills).
-    pub fn schedule_with(&mut self, blocks: &mut dyn Blocks, prefill_cap: usize) -> StepSchedule {
+    /// Plans one step. When `d > 0` sequences decode in it, prefill chunks
+    /// get at most `prefill_cap(d)` tokens (the engine sizes it so a mixed
+    /// step stays within a few decode steps: inter-token latency stays
+    /// smooth while another agent prefills), unless the sequences waiting
+    /// for prefill outnumber the decoding ones: then finishing their
+    /// prefills serves more agents, and brings them into the decode batch.
+    pub fn schedule_with(&mut self, blocks: &mut dyn Blocks, prefill_cap: &dyn Fn(usize) -> usize) -> StepSchedule {
         let mut out = StepSchedule::default();
         let mut budget = self.cfg.step_tokens;
         // 1. Decodes of running sequences, oldest first.
@@ -185,8 +188,10 @@ impl Scheduler {
             }
         }
         // 2. Prefill chunks of running sequences, then admit waiting ones.
-        if !out.work.is_empty() {
-            budget = budget.min(prefill_cap.max(1));
+        let decodes = out.work.len();
+        let prefills = self.running.iter().filter(|id| !self.seqs[id].decoding).count() + self.waiting.len();
+        if decodes > 0 && prefills <= decodes {
+            budget = budget.min(prefill_cap(decodes).max(1));
         }
         let mid_prefill: Vec<SeqId> = self.running.iter().copied().filter(|id| !self.seqs[id].decoding).collect();
         for id in mid_prefill {

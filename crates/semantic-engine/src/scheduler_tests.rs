@@ -181,14 +181,35 @@ fn prefill_is_capped_while_others_decode() {
     let mut s = Scheduler::new(cfg(512, 4));
     let mut b = FakeBlocks::new(100);
     s.add(seq(1, None, 3));
-    let plan = s.schedule_with(&mut b, 16);
+    let cap = |decodes: usize| 16 * decodes;
+    let plan = s.schedule_with(&mut b, &cap);
     assert_eq!(plan.work, vec![p(1, 3)], "no decode yet: no cap");
     apply(&mut s, &plan);
     s.add(seq(2, None, 100));
-    let plan = s.schedule_with(&mut b, 16);
+    let plan = s.schedule_with(&mut b, &cap);
     assert_eq!(plan.work, vec![p(1, 1), p(2, 16)]);
     apply(&mut s, &plan);
     s.remove(1);
-    let plan = s.schedule_with(&mut b, 16);
+    let plan = s.schedule_with(&mut b, &cap);
     assert_eq!(plan.work, vec![p(2, 84)], "alone again: the whole budget");
+}
+
+#[test]
+fn prefill_is_not_capped_while_prefills_outnumber_decodes() {
+    let mut s = Scheduler::new(cfg(64, 4));
+    let mut b = FakeBlocks::new(100);
+    let cap = |_: usize| 4;
+    s.add(seq(1, None, 3));
+    let plan = s.schedule_with(&mut b, &cap);
+    apply(&mut s, &plan);
+    s.add(seq(2, None, 100));
+    s.add(seq(3, None, 100));
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 63)], "2 prefills, 1 decode: the whole budget");
+    apply(&mut s, &plan);
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 37), p(3, 26)]);
+    apply(&mut s, &plan);
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 1), p(3, 4)], "1 prefill, 2 decodes: capped");
 }

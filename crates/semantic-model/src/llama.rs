@@ -26,8 +26,9 @@ use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::kernels::attention::{paged_attention, AttnSeq, AttnShape};
 use crate::kernels::matmul::quantize_rows;
-use crate::kernels::ops::{add_assign, rms_norm, silu_mul, Rope};
+use crate::kernels::ops::{add_assign, rms_norm, Rope};
 use crate::kernels::quant::{dequantize_row, BlockQ8A};
+use crate::kernels::vmath::silu_mul;
 use crate::linear::{load_qmatrix, Linear};
 
 struct Layer {

@@ -22,9 +22,14 @@ const PROMPTS: [&str; 3] = [
 /// quantization-sized noise: measured against candle with dequantized f32
 /// weights (`CANDLE_DEQUANTIZE_ALL=1`), candle's own quantized path is off by
 /// rms 0.29 (max 1.65) and ours by rms 0.40 (max 1.66); ours vs candle: max
-/// 1.68 over these prompts. A real bug (RoPE, layout, scales) gives errors of
-/// several units at every position.
-const MAX_LOGIT_DIFF: f32 = 2.5;
+/// 1.68 over these prompts. The max is a tail statistic: summation order
+/// alone (a new attention kernel) moved one prompt's max from 2.36 to 2.57,
+/// with rms 0.3-0.4 either way. A real bug (RoPE, layout, scales) gives
+/// errors of several units at every position (a flipped RoPE variant: max
+/// 4.8, argmax agreement 6/24; tiny_models.rs).
+const MAX_LOGIT_DIFF: f32 = 3.5;
+/// RMS of |ours - candle| over all logits of a prompt.
+const RMS_LOGIT_DIFF: f32 = 0.6;
 /// Top-2 gaps below this are within that noise: either token is a valid argmax.
 const NEAR_TIE: f32 = 0.25;
 
@@ -81,10 +86,12 @@ fn logits_match_candle_quantized_llama() {
         let all: Vec<u32> = ids.iter().chain(&cont).copied().collect();
         let ours = common::logits_in_chunks(&model, &mut pool, &all, 512);
         let theirs = candle_logits(&path, &all);
-        let mut max_diff = 0f32;
+        let (mut max_diff, mut sq, mut n) = (0f32, 0f64, 0usize);
         for (pos, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             max_diff = max_diff.max(d);
+            sq += a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+            n += a.len();
             let (ta, tb) = (argmax(a), argmax(b));
             if ta != tb {
                 let mut s = b.clone();
@@ -96,8 +103,10 @@ fn logits_match_candle_quantized_llama() {
         // (checked above, near-ties aside); count the exact agreements.
         let agree = theirs[ids.len() - 1..all.len() - 1].iter().zip(&cont).filter(|(l, &t)| argmax(l) == t).count();
         assert!(agree >= 30, "{prompt:?}: only {agree}/32 greedy tokens agree");
-        eprintln!("{prompt:?}: {} tokens, max |logit diff| = {max_diff:.4}", all.len());
+        let rms = (sq / n as f64).sqrt() as f32;
+        eprintln!("{prompt:?}: {} tokens, max |logit diff| = {max_diff:.4}, rms {rms:.4}", all.len());
         assert!(max_diff < MAX_LOGIT_DIFF, "{prompt:?}: max logit diff {max_diff}");
+        assert!(rms < RMS_LOGIT_DIFF, "{prompt:?}: rms logit diff {rms}");
     }
     assert_eq!(pool.n_free(), 64);
 }

@@ -3,16 +3,17 @@
 //! Each new token at position `p` attends to slots `0..=p` of its sequence,
 //! found through the sequence's block table. One work item is a tile of up
 //! to [`QUERY_TILE`] new tokens of one sequence and one kv head; it computes
-//! all `group = n_heads / n_kv_heads` query heads sharing that kv head, so a
-//! K/V block is converted from f16 once per tile, and scores are
-//! exponentiated 8 at a time with a polynomial exp (a libm call per score
-//! was half of a 2K-token prefill):
+//! all `group = n_heads / n_kv_heads` query heads sharing that kv head, so
+//! K/V is converted from f16 once per tile, spans of 64 keys (whole blocks)
+//! share one softmax update, scores come 8 keys at a time from independent
+//! accumulators, and are exponentiated 8 at a time with a polynomial exp (a
+//! libm call per score was half of a 2K-token prefill):
 //!
 //! ```text
-//! for block in table[..]:              # block_size slots of one kv head
-//!     K, V <- f16 -> f32 scratch       # once per block per tile
+//! for span in table[..]:               # 64 keys of one kv head
+//!     K, V <- f16 -> f32 scratch       # once per span per tile
 //!     for head in group:
-//!         s = scale * q_head . K       # block_size scores
+//!         s = scale * q_head . K       # 64 scores
 //!         m' = max(m, max s); acc = acc * e^(m - m') + sum e^(s - m') V
 //! out = acc / l
 //! ```
@@ -250,9 +251,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::matmul::avx2::hsum;
+    use super::super::vmath::exp256;
     use super::{AttnShape, Keys, QueryTile};
 
-    const MAX_BLOCK: usize = 64;
     const MAX_HD: usize = 256;
     const MAX_GROUP: usize = 16;
 
@@ -266,15 +267,6 @@ mod avx2 {
         for i in n8..src.len() {
             dst[i] = src[i].to_f32();
         }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..a.len()).step_by(8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
-        }
-        hsum(acc)
     }
 
     /// `acc += p * v` over one head_dim row.
@@ -317,27 +309,7 @@ mod avx2 {
         hsum(sum)
     }
 
-    /// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp): attention scores
-    /// minus their running max. 50x faster than a libm call per score.
-    #[inline(always)]
-    unsafe fn exp256(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
-        let fx = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
-        }
-        let y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0)));
-        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    }
-
-    /// Online softmax for a tile of queries: each K/V block is converted
+    /// Online softmax for a tile of queries: each K/V span is converted
     /// once for all of them; query `t` stops at its own causal limit.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_tile(
@@ -351,7 +323,7 @@ mod avx2 {
         let bs = keys.pool.layout().block_size;
         let nt = tile.rows.len();
         let group = tile.len / hd;
-        if !hd.is_multiple_of(8) || hd > MAX_HD || bs > MAX_BLOCK || group > MAX_GROUP {
+        if !hd.is_multiple_of(8) || hd > MAX_HD || bs > SPAN || group > MAX_GROUP {
             debug_assert!(partial.is_none() && keys.first_key == 0, "split items need the SIMD path");
             for (t, o) in outs.iter_mut().enumerate() {
                 let k = Keys { n_keys: keys.n_keys - (nt - 1 - t), ..*keys };
@@ -362,9 +334,9 @@ mod avx2 {
         // Per-thread scratch: zeroing two 64 KiB stack arrays per work item
         // was a third of a decode step's attention time.
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(2 * bs * hd, 0.0);
-            let (kbuf, vbuf) = scratch.split_at_mut(bs * hd);
-            attend_blocks(tile, &mut outs, keys, shape, kbuf, vbuf, partial);
+            scratch.resize(2 * SPAN * hd, 0.0);
+            let (kbuf, vbuf) = scratch.split_at_mut(SPAN * hd);
+            attend_spans(tile, &mut outs, keys, shape, kbuf, vbuf, partial);
         });
     }
 
@@ -372,8 +344,12 @@ mod avx2 {
         static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
+    /// Keys per pass: whole blocks, so the softmax bookkeeping (max,
+    /// rescale, one exp) runs once per 64 keys rather than once per block.
+    const SPAN: usize = 64;
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn attend_blocks(
+    unsafe fn attend_spans(
         tile: &QueryTile<'_>,
         outs: &mut [&mut [f32]],
         keys: &Keys<'_>,
@@ -384,25 +360,25 @@ mod avx2 {
     ) {
         let hd = shape.head_dim;
         let bs = keys.pool.layout().block_size;
+        let per = SPAN / bs;
         let nt = tile.rows.len();
         let group = tile.len / hd;
         let mut m = [[f32::NEG_INFINITY; MAX_GROUP]; super::QUERY_TILE];
         let mut l = [[0f32; MAX_GROUP]; super::QUERY_TILE];
-        let mut scores = [0f32; MAX_BLOCK + 8];
+        let mut scores = [0f32; SPAN];
         for o in outs.iter_mut() {
             o.fill(0.0);
         }
         debug_assert!(keys.first_key.is_multiple_of(bs));
-        for (bi, &block) in keys.table.iter().enumerate().skip(keys.first_key / bs) {
-            let first = bi * bs;
-            if first >= keys.n_keys {
-                break;
+        let mut first = keys.first_key;
+        while first < keys.n_keys {
+            let n = (keys.n_keys - first).min(per * bs);
+            for (b, &block) in keys.table[first / bs..].iter().take(n.div_ceil(bs)).enumerate() {
+                let rows = (n - b * bs).min(bs) * hd;
+                let at = b * bs * hd;
+                to_f32(&keys.pool.run(block, keys.layer, 0, keys.kv_head)[..rows], &mut kbuf[at..at + rows]);
+                to_f32(&keys.pool.run(block, keys.layer, 1, keys.kv_head)[..rows], &mut vbuf[at..at + rows]);
             }
-            let n = (keys.n_keys - first).min(bs);
-            let kr = keys.pool.run(block, keys.layer, 0, keys.kv_head);
-            let vr = keys.pool.run(block, keys.layer, 1, keys.kv_head);
-            to_f32(&kr[..n * hd], &mut kbuf[..n * hd]);
-            to_f32(&vr[..n * hd], &mut vbuf[..n * hd]);
             for (t, o) in outs.iter_mut().enumerate() {
                 let limit = keys.n_keys - (nt - 1 - t);
                 if first >= limit {
@@ -411,30 +387,30 @@ mod avx2 {
                 let nn = (limit - first).min(n);
                 let q = &tile.q[tile.rows[t]..tile.rows[t] + tile.len];
                 for h in 0..group {
-                    let qh = &q[h * hd..(h + 1) * hd];
-                    let mut bmax = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate().take(nn) {
-                        *sc = dot(qh, &kbuf[j * hd..(j + 1) * hd]) * shape.scale;
-                        bmax = bmax.max(*sc);
-                    }
-                    let m_new = m[t][h].max(bmax);
-                    let c = (m[t][h] - m_new).exp();
-                    let acc = &mut o[h * hd..(h + 1) * hd];
-                    if c != 1.0 {
-                        scale(acc, c);
-                    }
+                    let span_max = score_span(&q[h * hd..(h + 1) * hd], kbuf, nn, shape.scale, &mut scores);
+                    let m_new = m[t][h].max(span_max);
+                    let c =
+                        if m[t][h] == m_new { 1.0 } else { _mm256_cvtss_f32(exp256(_mm256_set1_ps(m[t][h] - m_new))) };
                     let lsum = exp_shifted(&mut scores[..nn.next_multiple_of(8)], nn, m_new);
-                    if hd == 64 {
-                        weighted_sum::<8>(acc, &scores[..nn], vbuf);
-                    } else {
-                        for (j, p) in scores.iter().enumerate().take(nn) {
-                            axpy(acc, *p, &vbuf[j * hd..(j + 1) * hd]);
+                    let acc = &mut o[h * hd..(h + 1) * hd];
+                    match hd {
+                        32 => weighted_sum::<4>(acc, c, &scores[..nn], vbuf),
+                        64 => weighted_sum::<8>(acc, c, &scores[..nn], vbuf),
+                        128 => weighted_sum::<16>(acc, c, &scores[..nn], vbuf),
+                        _ => {
+                            if c != 1.0 {
+                                scale(acc, c);
+                            }
+                            for (j, p) in scores.iter().enumerate().take(nn) {
+                                axpy(acc, *p, &vbuf[j * hd..(j + 1) * hd]);
+                            }
                         }
                     }
                     m[t][h] = m_new;
                     l[t][h] = l[t][h] * c + lsum;
                 }
             }
+            first += n;
         }
         if let Some(ml) = partial {
             ml[..group].copy_from_slice(&m[0][..group]);
@@ -443,21 +419,59 @@ mod avx2 {
         }
         for (t, o) in outs.iter_mut().enumerate() {
             for h in 0..group {
-                let inv = 1.0 / l[t][h];
-                for v in &mut o[h * hd..(h + 1) * hd] {
-                    *v *= inv;
-                }
+                scale(&mut o[h * hd..(h + 1) * hd], 1.0 / l[t][h]);
             }
         }
     }
 
-    /// `acc += sum_j p[j] * V[j]` with the accumulator row in registers
-    /// (`HD8 * 8` = head_dim); V rows are contiguous in `v`.
+    /// `out[j] = scale * q . k[j]` for `j < n` (lanes past `n` up to the next
+    /// multiple of 8 get -inf); returns the max. Eight keys at a time with
+    /// eight independent accumulators: one key at a time with a horizontal
+    /// sum each was latency-bound and most of a long decode's attention.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn score_span(q: &[f32], k: &[f32], n: usize, scale: f32, out: &mut [f32]) -> f32 {
+        let hd = q.len();
+        debug_assert!(k.len() >= n.next_multiple_of(8) * hd && out.len() >= n.next_multiple_of(8));
+        let sv = _mm256_set1_ps(scale);
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        for j0 in (0..n).step_by(8) {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for c in (0..hd).step_by(8) {
+                let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k.as_ptr().add((j0 + j) * hd + c)), *aj);
+                }
+            }
+            let mut s = _mm256_mul_ps(reduce8(a), sv);
+            if j0 + 8 > n {
+                let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+                let keep = _mm256_cmp_ps(lane, _mm256_set1_ps((n - j0) as f32), _CMP_LT_OQ);
+                s = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), s, keep);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(j0), s);
+            vmax = _mm256_max_ps(vmax, s);
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+    }
+
+    /// Lane `j` of the result is the sum of the lanes of `a[j]`.
     #[inline(always)]
-    unsafe fn weighted_sum<const HD8: usize>(acc: &mut [f32], p: &[f32], v: &[f32]) {
+    unsafe fn reduce8(a: [__m256; 8]) -> __m256 {
+        let u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))
+    }
+
+    /// `acc = c * acc + sum_j p[j] * V[j]` with the accumulator row in
+    /// registers (`HD8 * 8` = head_dim); V rows are contiguous in `v`.
+    #[inline(always)]
+    unsafe fn weighted_sum<const HD8: usize>(acc: &mut [f32], c: f32, p: &[f32], v: &[f32]) {
+        let cv = _mm256_set1_ps(c);
         let mut r = [_mm256_setzero_ps(); HD8];
         for (k, rk) in r.iter_mut().enumerate() {
-            *rk = _mm256_loadu_ps(acc.as_ptr().add(8 * k));
+            *rk = _mm256_mul_ps(cv, _mm256_loadu_ps(acc.as_ptr().add(8 * k)));
         }
         for (j, &pj) in p.iter().enumerate() {
             let pv = _mm256_set1_ps(pj);

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod vmath;
 
 /// True when the AVX2 + FMA + F16C paths can run on this CPU.
 #[inline]

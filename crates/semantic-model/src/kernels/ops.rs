@@ -1,6 +1,7 @@
-//! Element-wise kernels: RMSNorm, rotary embeddings, SwiGLU, residual add.
-//! They are a small share of a step (measured < 3% of decode); plain loops that
-//! the compiler vectorizes are enough, so there is no separate SIMD twin.
+//! Element-wise kernels: RMSNorm, rotary embeddings, residual add. They are
+//! a small share of a step (measured < 3% of decode); plain loops that the
+//! compiler vectorizes are enough, so there is no separate SIMD twin.
+//! SwiGLU needs `exp`, which does not vectorize: it is in [`super::vmath`].
 
 /// Row-wise RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -18,16 +19,6 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// SwiGLU on rows laid out `[gate (ff) | up (ff)]`: `out = silu(gate) * up`.
-pub fn silu_mul(gate_up: &[f32], ff: usize, out: &mut [f32]) {
-    for (gu, o) in gate_up.chunks_exact(2 * ff).zip(out.chunks_exact_mut(ff)) {
-        let (g, u) = gu.split_at(ff);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
     }
 }
 
