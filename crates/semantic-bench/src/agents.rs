@@ -29,6 +29,9 @@ pub struct AgentState {
     pub last_save_bytes: Option<u64>,
     pub last_load_ms: Option<f64>,
     pub last_load_bytes: Option<u64>,
+    /// The last save's longest copy slice on the engine thread in one turn.
+    #[serde(default)]
+    pub last_save_engine_max_ms: Option<f64>,
 }
 
 impl AgentState {

@@ -233,11 +233,17 @@ fn stall_table(r: &Results) -> String {
         .into_iter()
         .map(|x| {
             let mut row = cache_keys(x);
-            row.extend(["itl_p50_alone_ms", "itl_max_during_save_ms", "stall_ms"].map(|m| cell(Some(x), m, 1)));
+            let metrics = ["engine_slice_max_ms", "itl_p50_alone_ms", "itl_max_during_save_ms", "stall_ms"];
+            row.extend(metrics.map(|m| cell(Some(x), m, 1)));
             row
         })
         .collect();
-    let heads = ["other agent's ITL p50 ms", "its longest gap during the save ms", "stall ms"];
+    let heads = [
+        "longest engine-thread slice of the save ms",
+        "other agent's ITL p50 ms",
+        "its longest gap from the resume to the end of the save ms",
+        "gap - p50 ms",
+    ];
     table(&[&CACHE_KEYS[..], &heads].concat(), &rows)
 }
 
@@ -248,7 +254,10 @@ fn cache_section(r: &Results) -> String {
          `GET /v1/agents/{{id}}`. llama-server: `timings.save_ms` / `restore_ms` of `POST /slots/0?action=save|restore`.\n\n{}\n\
          ### Time to first token\n\nClient-measured over localhost. llama-server's warm-from-disk TTFT includes its separate \
          restore call.\n\n{}\n### Engine stall while a cache is saved\n\nAn agent decodes while the largest cache is \
-         written behind (copied out of the pool in slices by the engine, written by the persister).\n\n{}",
+         resumed for one token and then written behind (copied out of the pool in slices by the engine thread, written \
+         by the persister thread). The engine-thread slice is what holds a model step back (server-side, \
+         `last_save_engine_max_ms` of `GET /v1/agents/{{id}}`). The client-side gap also contains the resume's own \
+         steps: its new tokens attend to the whole 8K context.\n\n{}",
         Group::Cache.title(),
         cache_io_table(r),
         cache_ttft_table(r),

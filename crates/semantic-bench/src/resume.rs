@@ -50,6 +50,8 @@ pub struct CacheSamples {
     /// this cache is written behind.
     pub stall_p50_alone_ms: Vec<f64>,
     pub stall_max_during_save_ms: Vec<f64>,
+    /// The server's longest engine-thread slice of that save (one turn).
+    pub save_engine_max_ms: Vec<f64>,
 }
 
 /// Everything the cache benchmarks measured on one server.
@@ -140,6 +142,7 @@ impl ResumeOutcome {
                 .samples("itl_p50_alone_ms", "ms", &s.stall_p50_alone_ms)
                 .samples("itl_max_during_save_ms", "ms", &s.stall_max_during_save_ms)
                 .samples("stall_ms", "ms", &stall)
+                .samples("engine_slice_max_ms", "ms", &s.save_engine_max_ms)
         })
     }
 
@@ -323,14 +326,14 @@ impl Run<'_, '_> {
             api.quiesce()?;
             let p = self.ctx.prompt(128)?;
             let id = format!("stall-{}", self.ctx.seed());
-            let (t, from, to) = std::thread::scope(|sc| -> Result<_, BenchError> {
+            let (t, saved, from, to) = std::thread::scope(|sc| -> Result<_, BenchError> {
                 let decoder = sc.spawn(|| chat(client, Some(&id), &p, STALL_DECODE_TOKENS));
                 std::thread::sleep(Duration::from_millis(500));
                 chat(client, Some(&s.id), &s.prompt, 1)?;
                 let from = Instant::now();
-                api.wait_persisted(&s.id)?;
+                let saved = api.wait_persisted(&s.id)?;
                 let to = Instant::now();
-                Ok((decoder.join().expect("decoder thread")?, from, to))
+                Ok((decoder.join().expect("decoder thread")?, saved, from, to))
             })?;
             let (during, alone) = split_gaps(&t, from, to);
             let (Some(max), false) = (during.iter().max(), alone.is_empty()) else {
@@ -340,6 +343,7 @@ impl Run<'_, '_> {
             let at = self.out.at("f16", s.size);
             at.stall_p50_alone_ms.push(ms(median_duration(&alone)));
             at.stall_max_during_save_ms.push(ms(*max));
+            at.save_engine_max_ms.extend(saved.last_save_engine_max_ms);
             self.ctx.progress.step(&format!(
                 "{} save beside a decoding agent: longest gap {:.1} ms",
                 Plan::size_label(s.size),

@@ -12,7 +12,7 @@
 //! | measured over theoretical KV bytes | < 20% | |
 //! | leaks after 50 cycles | none | |
 //! | p99 ITL during a 2K prefill | | <= 3x p50 (issue 4) |
-//! | decode stall while an 8K cache is saved | | <= 5 ms (issue 3) |
+//! | engine step held back by an 8K cache save | | <= 5 ms (issue 3) |
 
 use serde::{Deserialize, Serialize};
 
@@ -199,11 +199,11 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             at_largest(r, "cold_start_vs_cache_resume", "speedup_disk_x"),
         ),
         verdict(
-            "decode stall while an 8K cache is saved (longest gap - p50)",
+            "engine step held back by an 8K cache save (longest engine-thread slice)",
             "issue 3",
             Cmp::AtMost(5.0),
             "ms",
-            at_largest(r, "cache_save_stall", "stall_ms"),
+            at_largest(r, "cache_save_stall", "engine_slice_max_ms"),
         ),
     ]
 }

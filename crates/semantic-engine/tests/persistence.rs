@@ -145,6 +145,7 @@ fn evicted_agents_come_back_from_disk_and_shutdown_flushes() {
     assert!(u.cached_disk_tokens > 100, "{u:?}");
     let info = f.rt.block_on(f.handle.agent(AgentId::new("planner").unwrap())).unwrap().unwrap();
     assert!(info.io.last_load.is_some() && info.io.last_save.is_some(), "{info:?}");
+    assert!(info.io.last_save_engine_max.is_some(), "{info:?}");
     // A dirty agent is written at shutdown even if the write-behind is late.
     let _ = f.ask(Some("late"), &conversation(0));
     f.stop();

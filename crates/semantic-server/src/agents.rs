@@ -84,6 +84,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     v["last_load_bytes"] = load_bytes;
     v["last_save_ms"] = save_ms;
     v["last_save_bytes"] = save_bytes;
+    v["last_save_engine_max_ms"] = a.io.last_save_engine_max.map_or(Value::Null, |d| json!(d.as_secs_f64() * 1e3));
     Ok(Json(v).into_response())
 }
 

@@ -100,12 +100,29 @@ impl KvSnapshot {
 
     /// Copies one layer (K and V of every head) from the pool.
     pub fn copy_layer_from_pool(&mut self, pool: &KvPool, blocks: &[BlockId], layer: usize) {
-        for kv in 0..2 {
-            for head in 0..self.dims.n_kv_heads {
-                let n = self.n_tokens;
-                pool.export_head_tokens(blocks, layer, kv, head, 0..n, self.row_mut(layer, kv, head));
-            }
+        let per_layer = 2 * self.dims.n_kv_heads;
+        for run in layer * per_layer..(layer + 1) * per_layer {
+            self.copy_run_from_pool(pool, blocks, run);
         }
+    }
+
+    /// Runs (K or V of one head of one layer, every token): the unit of a
+    /// copy in slices.
+    pub fn n_runs(&self) -> usize {
+        self.dims.n_layers * 2 * self.dims.n_kv_heads
+    }
+
+    /// Bytes of one run.
+    pub fn run_bytes(&self) -> usize {
+        self.n_tokens * self.dims.head_dim * 2
+    }
+
+    /// Copies run `run` (`layer`, then K/V, then head) from the pool.
+    pub fn copy_run_from_pool(&mut self, pool: &KvPool, blocks: &[BlockId], run: usize) {
+        let h = self.dims.n_kv_heads;
+        let (layer, kv, head) = (run / (2 * h), run / h % 2, run % h);
+        let n = self.n_tokens;
+        pool.export_head_tokens(blocks, layer, kv, head, 0..n, self.row_mut(layer, kv, head));
     }
 
     /// Stores the snapshot into the blocks of a sequence (positions
