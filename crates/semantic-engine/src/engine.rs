@@ -259,6 +259,11 @@ impl Engine {
         self.tiers.as_ref().is_some_and(Tiers::has_work)
     }
 
+    /// Snapshot copies left: the loop keeps turning without waiting.
+    pub fn has_copy_work(&self) -> bool {
+        self.tiers.as_ref().is_some_and(Tiers::has_copy_work)
+    }
+
     /// One turn of background work (write-behind of agent caches).
     pub fn pump(&mut self) {
         if let Some(t) = &mut self.tiers {

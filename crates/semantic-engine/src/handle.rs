@@ -188,7 +188,7 @@ impl EngineHandle {
 fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
     loop {
         // Block only when there is nothing to compute.
-        let first = if engine.has_work() {
+        let first = if engine.has_work() || engine.has_copy_work() {
             match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(mpsc::TryRecvError::Empty) => None,

@@ -187,6 +187,10 @@ impl Tiers {
         !self.copying.is_empty() || self.in_flight > 0
     }
 
+    pub(crate) fn has_copy_work(&self) -> bool {
+        !self.copying.is_empty()
+    }
+
     /// A hot cache changed: schedule its write-behind. `table` must be a
     /// shared table over the cache's blocks ([`KvPool::share_table`]).
     pub(crate) fn save_later(&mut self, agent: AgentId, tokens: Vec<u32>, table: BlockTable, pool: &mut KvPool) {
