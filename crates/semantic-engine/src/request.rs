@@ -15,6 +15,10 @@ pub struct EngineRequest {
     pub params: SamplingParams,
     /// Token ids that end generation (EOS, end-of-turn), not emitted.
     pub stop_ids: Vec<u32>,
+    /// Token ids never sampled (logit -inf): the end-of-sequence ids when a
+    /// client asks to ignore them, as llama.cpp's `ignore_eos` does, so the
+    /// model goes on writing text rather than emitting empty EOS tokens.
+    pub banned_ids: Vec<u32>,
     pub logprobs: bool,
 }
 

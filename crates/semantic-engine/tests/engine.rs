@@ -39,6 +39,7 @@ impl Fixture {
             prompt: self.tok.encode(&text).unwrap(),
             params: SamplingParams { max_tokens, ..Default::default() },
             stop_ids: self.tpl.stop_token_ids(&self.tok),
+            banned_ids: Vec::new(),
             logprobs: false,
         }
     }

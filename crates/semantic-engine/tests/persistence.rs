@@ -54,6 +54,7 @@ impl Fixture {
             prompt: self.tok.encode(&text).unwrap(),
             params: SamplingParams { max_tokens: 16, ..Default::default() },
             stop_ids: self.tpl.stop_token_ids(&self.tok),
+            banned_ids: Vec::new(),
             logprobs: false,
         };
         let mut s = self.handle.blocking_submit(req).unwrap();

@@ -109,6 +109,7 @@ pub async fn submit(rt: &Runtime, api: &'static str, p: Prepared) -> Result<Gene
         prompt: p.prompt,
         params: p.params,
         stop_ids: if p.ignore_eos { Vec::new() } else { rt.stop_ids.clone() },
+        banned_ids: if p.ignore_eos { rt.stop_ids.clone() } else { Vec::new() },
         logprobs: p.logprobs,
     };
     let stream = rt.engine.submit(req).await?;

@@ -179,9 +179,20 @@ fn ignore_eos_generates_exactly_max_tokens() {
     let natural = chat(json!({"messages": q, "max_tokens": 40, "temperature": 0}), &[]);
     let natural_n = natural["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(natural_n < 40, "the model stops early on its own: {natural}");
-    let forced = chat(json!({"messages": q, "max_tokens": 40, "temperature": 0, "ignore_eos": true}), &[]);
+    let forced =
+        chat(json!({"messages": q, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "logprobs": true}), &[]);
     assert_eq!(forced["usage"]["completion_tokens"], 40);
     assert_eq!(forced["choices"][0]["finish_reason"], "length");
+    // EOS is masked, not just ignored: the same greedy answer, then more
+    // text where the model would have ended (no empty end-of-turn tokens).
+    let (a, b) = (
+        natural["choices"][0]["message"]["content"].as_str().unwrap(),
+        forced["choices"][0]["message"]["content"].as_str().unwrap(),
+    );
+    assert!(b.starts_with(a) && b.len() > a.len() + 20, "{a:?} then {b:?}");
+    let tokens = forced["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(tokens.len(), 40);
+    assert!(tokens.iter().all(|t| !t["token"].as_str().unwrap().contains("<|im_end|>")), "{tokens:?}");
 }
 
 #[test]
