@@ -521,6 +521,7 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
+            prefetch_ahead(blk, gbb);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             let mw = if Q41 { _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)) } else { dw };
             let mut lo = [_mm512_setzero_si512(); 4];
@@ -562,6 +563,7 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
+            prefetch_ahead(blk, gbb);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             let mut isum = [_mm512_setzero_si512(); NA];
             for c in 0..8 {
@@ -580,6 +582,25 @@ pub(crate) mod avx2 {
         }
         for j in 0..NA {
             _mm512_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+        }
+    }
+
+    /// Weight bytes fetched ahead of the block being computed (1.3 to 2.5
+    /// 16-row groups of a 576-column matrix); 4-16 KiB measured alike, 2 KiB
+    /// and less worse.
+    const PREFETCH_BYTES: usize = 8192;
+
+    /// Prefetches the weight block `PREFETCH_BYTES` ahead of `blk` (`gbb`
+    /// bytes). The weights stream from memory once per step; with several
+    /// activation rows the products of a block take long enough that the
+    /// hardware prefetcher falls behind and the loads stall: measured on
+    /// the default model (2-core Zen 5), a batched decode step of 8 rows
+    /// went from 8.0 to 6.0 ms, 5 rows from 4.8 to 4.3, 1 row 2.75 to 2.5.
+    #[inline(always)]
+    unsafe fn prefetch_ahead(blk: *const u8, gbb: usize) {
+        let ahead = blk.wrapping_add(PREFETCH_BYTES) as *const i8;
+        for off in (0..gbb).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
         }
     }
 
@@ -631,6 +652,7 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
+            prefetch_ahead(blk, gbb);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
             let mw = if Q41 { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h) as *const __m128i)) } else { dw };
             let mut lo = [_mm256_setzero_si256(); 4];
@@ -694,6 +716,7 @@ pub(crate) mod avx2 {
         let xp = x.as_ptr();
         for i in 0..nb {
             let blk = wp.add(i * gbb);
+            prefetch_ahead(blk, gbb);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
             let mut isum = [_mm256_setzero_si256(); NA];
             for c in 0..8 {
