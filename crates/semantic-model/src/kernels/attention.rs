@@ -371,14 +371,8 @@ mod avx2 {
         }
         debug_assert!(keys.first_key.is_multiple_of(bs));
         let mut first = keys.first_key;
-        prefetch_span(keys, first, per);
         while first < keys.n_keys {
             let n = (keys.n_keys - first).min(per * bs);
-            // The next span streams in while this one is computed: K/V runs
-            // are 2 KiB pieces far apart in the pool, which the hardware
-            // prefetchers do not follow (the f16 loads were half of a
-            // batched decode's attention time, waiting on memory).
-            prefetch_span(keys, first + n, per);
             for (b, &block) in keys.table[first / bs..].iter().take(n.div_ceil(bs)).enumerate() {
                 let rows = (n - b * bs).min(bs) * hd;
                 let at = b * bs * hd;
@@ -426,26 +420,6 @@ mod avx2 {
         for (t, o) in outs.iter_mut().enumerate() {
             for h in 0..group {
                 scale(&mut o[h * hd..(h + 1) * hd], 1.0 / l[t][h]);
-            }
-        }
-    }
-
-    /// Prefetches the K and V runs of the span of `per` blocks at key `first`.
-    #[inline(always)]
-    unsafe fn prefetch_span(keys: &Keys<'_>, first: usize, per: usize) {
-        let bs = keys.pool.layout().block_size;
-        if first >= keys.n_keys {
-            return;
-        }
-        let n = (keys.n_keys - first).min(per * bs);
-        let hd = keys.pool.layout().head_dim;
-        for (b, &block) in keys.table[first / bs..].iter().take(n.div_ceil(bs)).enumerate() {
-            let bytes = (n - b * bs).min(bs) * hd * 2;
-            for kv in 0..2 {
-                let run = keys.pool.run(block, keys.layer, kv, keys.kv_head).as_ptr() as *const i8;
-                for off in (0..bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(run.add(off));
-                }
             }
         }
     }
