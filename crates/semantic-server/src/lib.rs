@@ -37,6 +37,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::from_fn_with_state;
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 
@@ -93,6 +94,14 @@ pub async fn serve(
     let grace = state.config().shutdown_grace;
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let st = state.clone();
+    // Token events are small writes: without TCP_NODELAY, Nagle holds each
+    // one until the previous is acknowledged, and a client's delayed ACK
+    // added ~35 ms to every first token (warm TTFT at 2K: 46 ms, 10 ms with it).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutdown: no new connections; finishing in-flight requests");
