@@ -148,23 +148,39 @@ pub fn warm_up(ctx: &mut Ctx, target: &Target) -> Result<(), BenchError> {
 
 /// `agents` concurrent agents with prompts of `prompt_tokens`, repeated.
 pub fn throughput(ctx: &mut Ctx, target: &Target, agents: usize, prompt_tokens: usize) -> Result<Record, BenchError> {
+    let mut recs = throughput_sweep(ctx, target, &[agents], prompt_tokens)?;
+    Ok(recs.remove(0))
+}
+
+/// Every agent count of `counts`, repetition by repetition (1, 3, 5, 8,
+/// then again): the machine's speed drifts over minutes, and measuring
+/// each count's repetitions back to back put that drift into the speedups
+/// (the same build gave 5 agents 2.51x in one run and 2.15x in the next).
+pub fn throughput_sweep(
+    ctx: &mut Ctx,
+    target: &Target,
+    counts: &[usize],
+    prompt_tokens: usize,
+) -> Result<Vec<Record>, BenchError> {
     let gen = ctx.plan.batch_gen;
-    let mut runs = Vec::new();
+    let mut runs: Vec<Vec<BatchRun>> = vec![Vec::new(); counts.len()];
     for rep in 0..ctx.plan.batch_reps {
-        let prompts: Vec<Prompt> = (0..agents).map(|_| ctx.prompt(prompt_tokens)).collect::<Result<_, _>>()?;
-        let prefix = format!("batch-{}", ctx.seed());
-        let sessions: Vec<String> = (0..agents).map(|i| format!("{prefix}-{i}")).collect();
-        let r = run_batch(&target.client, &prompts, gen, &sessions)?;
-        ctx.progress.step(&format!(
-            "{}: {agents} agents x {prompt_tokens} tokens, rep {}: {:.1} tok/s",
-            target.name,
-            rep + 1,
-            r.aggregate_tok_s
-        ));
-        settle(target, &prefix)?;
-        runs.push(r);
+        for (i, &agents) in counts.iter().enumerate() {
+            let prompts: Vec<Prompt> = (0..agents).map(|_| ctx.prompt(prompt_tokens)).collect::<Result<_, _>>()?;
+            let prefix = format!("batch-{}", ctx.seed());
+            let sessions: Vec<String> = (0..agents).map(|i| format!("{prefix}-{i}")).collect();
+            let r = run_batch(&target.client, &prompts, gen, &sessions)?;
+            ctx.progress.step(&format!(
+                "{}: {agents} agents x {prompt_tokens} tokens, rep {}: {:.1} tok/s",
+                target.name,
+                rep + 1,
+                r.aggregate_tok_s
+            ));
+            settle(target, &prefix)?;
+            runs[i].push(r);
+        }
     }
-    Ok(throughput_record(&target.name, agents, prompt_tokens, gen, &runs))
+    Ok(counts.iter().zip(&runs).map(|(&n, r)| throughput_record(&target.name, n, prompt_tokens, gen, r)).collect())
 }
 
 fn throughput_record(server: &str, agents: usize, prompt_tokens: usize, gen: usize, runs: &[BatchRun]) -> Record {

@@ -305,10 +305,9 @@ impl Suite {
         {
             let mut ctx = ctx!(self);
             batching::warm_up(&mut ctx, &target)?;
+            let counts = self.plan.agents.clone();
             for p in self.plan.batch_prompts.clone() {
-                for n in self.plan.agents.clone() {
-                    out.push(batching::throughput(&mut ctx, &target, n, p)?);
-                }
+                out.extend(batching::throughput_sweep(&mut ctx, &target, &counts, p)?);
             }
             batching::add_speedups(&mut out, &target.name);
             out.push(batching::itl_record(&mut ctx, &target)?);
