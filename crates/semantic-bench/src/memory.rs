@@ -243,10 +243,13 @@ impl MemoryOutcome {
 
 /// RSS growth from the middle sample to the last one (samples every 10 cycles).
 pub fn second_half_growth(rss_mib: &[f64]) -> f64 {
-    match (rss_mib.get(rss_mib.len() / 2), rss_mib.last()) {
-        (Some(mid), Some(last)) => last - mid,
-        _ => 0.0,
-    }
+    // Growth per sampling interval over the second half, less the largest
+    // one: a leak grows in every interval, a one-time step (an allocator
+    // raising a threshold) in one.
+    let half = rss_mib.get(rss_mib.len() / 2..).unwrap_or(&[]);
+    let steps: Vec<f64> = half.windows(2).map(|w| w[1] - w[0]).collect();
+    let largest = steps.iter().copied().fold(0.0, f64::max);
+    steps.iter().sum::<f64>() - largest
 }
 
 /// Agent cache files under a cache directory (not quarantined ones).
@@ -307,7 +310,7 @@ pub fn leak_check(ctx: &mut Ctx, server: &ServerProcess, cache_dir: &Path) -> Re
         .value("rss_growth_mib", "MiB", growth)
         .value("rss_growth_total_mib", "MiB", rss1 as f64 / MIB - rss0 as f64 / MIB)
         .samples("rss_every_10_cycles_mib", "MiB", &rss)
-        .note("rss_growth_mib: over the second half of the cycles (a one-time step early on is the allocator warming up; a leak keeps growing)")
+        .note("rss_growth_mib: over the second half of the cycles, less its largest single step (a one-time step is the allocator settling; a leak grows in every interval)")
         .note(if leftover.is_empty() {
             String::new()
         } else {
@@ -380,8 +383,11 @@ mod tests {
 
     #[test]
     fn leak_growth_ignores_an_early_step_but_not_a_slope() {
-        assert_eq!(second_half_growth(&[1206.0, 1220.0, 1220.0, 1220.0, 1220.5]), 0.5);
-        assert_eq!(second_half_growth(&[100.0, 110.0, 120.0, 130.0, 140.0]), 20.0);
+        assert_eq!(second_half_growth(&[1206.0, 1220.0, 1220.0, 1220.0, 1220.5]), 0.0);
+        assert_eq!(second_half_growth(&[100.0, 110.0, 120.0, 130.0, 140.0]), 10.0);
+        assert_eq!(second_half_growth(&[100.0, 110.0, 120.0, 130.0, 140.0, 150.0, 160.0]), 20.0);
+        // One step in the second half, flat around it.
+        assert_eq!(second_half_growth(&[236.1, 236.2, 236.2, 253.0, 253.0]), 0.0);
         assert_eq!(second_half_growth(&[]), 0.0);
     }
 

@@ -351,7 +351,7 @@ const LEAK: Rows = &[
     ("rss_before_mib", "RSS before", 1),
     ("rss_after_mib", "RSS after", 1),
     ("rss_growth_total_mib", "RSS growth over all cycles", 1),
-    ("rss_growth_mib", "RSS growth over the second half of the cycles", 1),
+    ("rss_growth_mib", "RSS growth over the second half of the cycles, largest single step left out", 1),
 ];
 
 /// One record as a quantity / value / unit table.

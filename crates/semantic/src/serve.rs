@@ -140,6 +140,7 @@ impl ServeArgs {
 pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     init_logging();
     args.check()?;
+    fixed_mmap_threshold();
     // Pull (with its progress bar) before the server starts.
     let model_path = match &args.model {
         Some(p) => p.clone(),
@@ -157,6 +158,19 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     // A model load still running after an early stop must not hold the exit.
     rt.shutdown_timeout(Duration::from_secs(1));
     res
+}
+
+/// Buffers of 4 MiB and more (cache snapshots, file images) always come
+/// from mmap and go back to the system when freed. glibc otherwise raises
+/// its mmap threshold to the largest buffer freed so far, and later ones
+/// stay in the heap: the leak benchmark saw RSS step up 17 MiB once,
+/// mid-run, after many 11 MiB snapshots.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
 }
 
 async fn serve(home: PathBuf, model_path: PathBuf, args: ServeArgs) -> Result<()> {
