@@ -166,6 +166,28 @@ impl StreamSplitter {
     }
 }
 
+/// A streamed text delta through the stream's splitter, if it has tools.
+pub fn split_delta(splitter: &mut Option<StreamSplitter>, text: String) -> String {
+    match splitter {
+        Some(s) => s.push(&text),
+        None => text,
+    }
+}
+
+/// The end of a stream: its last text (`tail` and whatever the splitter
+/// held) and the tool calls found.
+pub fn split_finish(splitter: Option<StreamSplitter>, tail: String, known: &[String]) -> (String, Vec<ParsedCall>) {
+    match splitter {
+        Some(mut s) => {
+            let mut text = s.push(&tail);
+            let (rest, calls) = s.finish(known);
+            text.push_str(&rest);
+            (text, calls)
+        }
+        None => (tail, Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use crate::error::{AnthropicError, ApiError};
 use crate::generation::{self, Generation, Prepared};
 use crate::sse;
 use crate::state::{AppState, Runtime};
-use crate::tools::{self, ParsedCall, StreamSplitter};
+use crate::tools::{self, split_delta, split_finish, ParsedCall, StreamSplitter};
 
 #[derive(Serialize, Debug, Clone, Default)]
 pub struct AnthropicUsage {
@@ -225,10 +225,7 @@ impl MessageStream {
         loop {
             match self.gen.next().await? {
                 TokenEvent::Token { text, .. } => {
-                    let text = match &mut self.splitter {
-                        Some(s) => s.push(&text),
-                        None => text,
-                    };
+                    let text = split_delta(&mut self.splitter, text);
                     if text.is_empty() {
                         continue;
                     }
@@ -237,15 +234,7 @@ impl MessageStream {
                 }
                 TokenEvent::Finished { reason, text_tail, usage, stop } => {
                     self.phase = Phase::Done;
-                    let (text, calls) = match self.splitter.take() {
-                        Some(mut s) => {
-                            let mut text = s.push(&text_tail);
-                            let (rest, calls) = s.finish(&self.out.tool_names);
-                            text.push_str(&rest);
-                            (text, calls)
-                        }
-                        None => (text_tail, Vec::new()),
-                    };
+                    let (text, calls) = split_finish(self.splitter.take(), text_tail, &self.out.tool_names);
                     if !text.is_empty() {
                         text_delta(&mut out, &text);
                     }

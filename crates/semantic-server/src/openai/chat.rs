@@ -18,7 +18,7 @@ use crate::error::{ApiError, OpenAiError};
 use crate::generation::{self, Completion, GenToken, Generation, Prepared};
 use crate::sse;
 use crate::state::{AppState, Runtime};
-use crate::tools::{self, StreamSplitter};
+use crate::tools::{self, split_delta, split_finish, StreamSplitter};
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -144,10 +144,7 @@ impl ChatStream {
         loop {
             match self.gen.next().await {
                 Some(TokenEvent::Token { id, text, logprob }) => {
-                    let text = match &mut self.splitter {
-                        Some(s) => s.push(&text),
-                        None => text,
-                    };
+                    let text = split_delta(&mut self.splitter, text);
                     let lp = logprob.and_then(|logprob| {
                         let t = GenToken { id, logprob: Some(logprob) };
                         let content = token_logprob(&self.rt.tokenizer, &t)?;
@@ -162,15 +159,7 @@ impl ChatStream {
                 }
                 Some(TokenEvent::Finished { reason, text_tail, usage, .. }) => {
                     self.done = true;
-                    let (text, calls) = match self.splitter.take() {
-                        Some(mut s) => {
-                            let mut text = s.push(&text_tail);
-                            let (rest, calls) = s.finish(&self.out.tool_names);
-                            text.push_str(&rest);
-                            (text, calls)
-                        }
-                        None => (text_tail, Vec::new()),
-                    };
+                    let (text, calls) = split_finish(self.splitter.take(), text_tail, &self.out.tool_names);
                     if !text.is_empty() {
                         let delta = Delta { content: Some(text), ..Delta::default() };
                         sse::data(&mut out, &self.out.chunk(delta, None, None, self.include_usage));

@@ -39,14 +39,18 @@ fn message_has_text_stop_reason_and_usage() {
     assert_eq!(counted.json()["input_tokens"].as_u64().unwrap(), total);
 }
 
-#[test]
-fn stop_sequences_report_stop_sequence() {
+/// A counting request and the third word of its greedy answer.
+fn counting_and_third_word() -> (serde_json::Value, String) {
     let body = json!({"max_tokens": 30, "temperature": 0,
         "messages": [{"role": "user", "content": "Count from one to ten in words."}]});
     let full = messages(body.clone(), &[]);
     let text = full["content"][0]["text"].as_str().unwrap().to_string();
-    let word = text.split_whitespace().nth(2).expect("three words").to_string();
-    let mut b = body;
+    (body, text.split_whitespace().nth(2).expect("three words").to_string())
+}
+
+#[test]
+fn stop_sequences_report_stop_sequence() {
+    let (mut b, word) = counting_and_third_word();
     b["stop_sequences"] = json!([word.clone()]);
     let m = messages(b, &[]);
     assert_eq!(m["stop_reason"], "stop_sequence");
@@ -56,12 +60,7 @@ fn stop_sequences_report_stop_sequence() {
 
 #[test]
 fn the_matching_one_of_several_stop_sequences_is_reported() {
-    let body = json!({"max_tokens": 30, "temperature": 0,
-        "messages": [{"role": "user", "content": "Count from one to ten in words."}]});
-    let full = messages(body.clone(), &[]);
-    let text = full["content"][0]["text"].as_str().unwrap().to_string();
-    let word = text.split_whitespace().nth(2).expect("three words").to_string();
-    let mut b = body;
+    let (mut b, word) = counting_and_third_word();
     b["stop_sequences"] = json!(["zzzz-never", word.clone(), "qqqq-never"]);
     let m = messages(b, &[]);
     assert_eq!(m["stop_reason"], "stop_sequence");
