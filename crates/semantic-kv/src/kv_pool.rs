@@ -5,7 +5,8 @@
 //! ```text
 //! block b: [layer 0: K[head 0: slot 0..bs][head 1 ..] V[head 0 ..] ..] [layer 1 ..] ..
 //!          each (layer, K|V, head) run is `block_size * head_dim` contiguous f16,
-//!          so attention streams one head's keys of one block without gathers.
+//!          so attention streams one head's keys of one block without gathers;
+//!          K runs are dimension major ([d][slot]), V runs slot major ([slot][d]).
 //! ```
 //!
 //! The storage is one zeroed allocation; untouched pages cost no RSS.
@@ -173,7 +174,11 @@ impl KvPool {
         block.index() * l.block_elems() + ((layer * 2 + kv) * l.n_kv_heads + head) * l.run_elems()
     }
 
-    /// The `block_size * head_dim` keys (kv = 0) or values (kv = 1) of one head.
+    /// The `block_size * head_dim` keys (kv = 0) or values (kv = 1) of one
+    /// head in one block. Values are slot major (`[slot][d]`, what the
+    /// weighted sum reads); keys are dimension major (`[d][slot]`), so
+    /// attention computes a vector of scores per multiply-add with no
+    /// horizontal sums.
     pub fn run(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> &[f16] {
         let off = self.run_offset(block, layer, kv, head);
         &self.data[off..off + self.layout.run_elems()]
@@ -182,7 +187,8 @@ impl KvPool {
     /// Copies K (`kv = 0`) or V (`kv = 1`) of one head for the positions
     /// `tokens` of the sequence with block table `table` into `out`, position
     /// major: `out[(p - tokens.start) * head_dim + d]`. This is the on-disk row
-    /// order of an agent cache, independent of the block size.
+    /// order of an agent cache, independent of the block size and of the
+    /// key runs' layout.
     ///
     /// Panics if `out.len() != tokens.len() * head_dim` or the table does not
     /// cover `tokens.end` positions.
@@ -195,12 +201,16 @@ impl KvPool {
         tokens: Range<usize>,
         out: &mut [f16],
     ) {
-        let dim = self.layout.head_dim;
+        let (dim, bs) = (self.layout.head_dim, self.layout.block_size);
         assert_eq!(out.len(), tokens.len() * dim, "output length");
         for (pos, n, at) in self.block_spans(tokens) {
-            let off = self.run_offset(table[pos / self.layout.block_size], layer, kv, head)
-                + (pos % self.layout.block_size) * dim;
-            out[at * dim..(at + n) * dim].copy_from_slice(&self.data[off..off + n * dim]);
+            let run = self.run(table[pos / bs], layer, kv, head);
+            let rows = &mut out[at * dim..(at + n) * dim];
+            if kv == 0 {
+                keys_to_rows(run, bs, dim, pos % bs, rows);
+            } else {
+                rows.copy_from_slice(&run[(pos % bs) * dim..(pos % bs + n) * dim]);
+            }
         }
     }
 
@@ -219,12 +229,17 @@ impl KvPool {
         first: usize,
         src: &[f16],
     ) {
-        let dim = self.layout.head_dim;
+        let (dim, bs) = (self.layout.head_dim, self.layout.block_size);
         assert_eq!(src.len() % dim, 0, "source length is not whole tokens");
         for (pos, n, at) in self.block_spans(first..first + src.len() / dim) {
-            let off = self.run_offset(table[pos / self.layout.block_size], layer, kv, head)
-                + (pos % self.layout.block_size) * dim;
-            self.data[off..off + n * dim].copy_from_slice(&src[at * dim..(at + n) * dim]);
+            let off = self.run_offset(table[pos / bs], layer, kv, head);
+            let run = &mut self.data[off..off + self.layout.run_elems()];
+            let rows = &src[at * dim..(at + n) * dim];
+            if kv == 0 {
+                rows_to_keys(rows, bs, dim, pos % bs, run);
+            } else {
+                run[(pos % bs) * dim..(pos % bs + n) * dim].copy_from_slice(rows);
+            }
         }
     }
 
@@ -251,16 +266,89 @@ impl KvPool {
         let l = self.layout;
         let block = table[pos / l.block_size];
         let slot = pos % l.block_size;
-        for (kv, src) in [k, v].into_iter().enumerate() {
-            for head in 0..l.n_kv_heads {
-                let off = self.run_offset(block, layer, kv, head) + slot * l.head_dim;
-                let dst = &mut self.data[off..off + l.head_dim];
-                let src = &src[head * l.head_dim..(head + 1) * l.head_dim];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = f16::from_f32(*s);
+        for head in 0..l.n_kv_heads {
+            let src = &k[head * l.head_dim..(head + 1) * l.head_dim];
+            let off = self.run_offset(block, layer, 0, head) + slot;
+            for (d, s) in src.iter().enumerate() {
+                self.data[off + d * l.block_size] = f16::from_f32(*s);
+            }
+            let off = self.run_offset(block, layer, 1, head) + slot * l.head_dim;
+            let dst = &mut self.data[off..off + l.head_dim];
+            for (d, s) in dst.iter_mut().zip(&v[head * l.head_dim..(head + 1) * l.head_dim]) {
+                *d = f16::from_f32(*s);
+            }
+        }
+    }
+}
+
+/// Key rows `slot..slot + n` of a dimension-major key run (`[dim][bs]`) into
+/// `rows` (`[n][dim]`). Whole blocks go through 8x8 transposes: a scalar
+/// loop here would add tens of ms to saving or loading an 8K-token cache.
+fn keys_to_rows(run: &[f16], bs: usize, dim: usize, slot: usize, rows: &mut [f16]) {
+    let n = rows.len() / dim;
+    if slot == 0 && n == bs && transpose_u16(run, dim, bs, rows) {
+        return;
+    }
+    for t in 0..n {
+        for d in 0..dim {
+            rows[t * dim + d] = run[d * bs + slot + t];
+        }
+    }
+}
+
+/// The inverse of [`keys_to_rows`].
+fn rows_to_keys(rows: &[f16], bs: usize, dim: usize, slot: usize, run: &mut [f16]) {
+    let n = rows.len() / dim;
+    if slot == 0 && n == bs && transpose_u16(rows, bs, dim, run) {
+        return;
+    }
+    for t in 0..n {
+        for d in 0..dim {
+            run[d * bs + slot + t] = rows[t * dim + d];
+        }
+    }
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]` in 8x8 tiles (SSE2); false,
+/// with nothing written, unless both sides are multiples of 8.
+fn transpose_u16(src: &[f16], rows: usize, cols: usize, dst: &mut [f16]) -> bool {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if rows.is_multiple_of(8) && cols.is_multiple_of(8) {
+        for r in (0..rows).step_by(8) {
+            for c in (0..cols).step_by(8) {
+                // SAFETY: SSE2 is part of x86_64; the tile lies inside both
+                // buffers (checked above); f16 is a transparent u16.
+                unsafe {
+                    transpose8x8(src.as_ptr().add(r * cols + c), cols, dst.as_mut_ptr().add(c * rows + r), rows);
                 }
             }
         }
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn transpose8x8(src: *const f16, src_stride: usize, dst: *mut f16, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m128i; 8] = std::array::from_fn(|i| _mm_loadu_si128(src.add(i * src_stride) as *const __m128i));
+    // a[2i], a[2i+1]: rows 2i and 2i+1 interleaved, columns 0-3 and 4-7.
+    let a: [__m128i; 8] = std::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 { _mm_unpacklo_epi16(x, y) } else { _mm_unpackhi_epi16(x, y) }
+    });
+    // b: four rows' columns in pairs: b[0] cols 0-1 of rows 0-3, b[1] cols
+    // 2-3, b[2] cols 4-5, b[3] cols 6-7; b[4..8] the same for rows 4-7.
+    let b: [__m128i; 8] = std::array::from_fn(|i| {
+        let base = if i < 4 { 0 } else { 4 };
+        let (x, y) = (a[base + (i % 4) / 2], a[base + 2 + (i % 4) / 2]);
+        if i % 2 == 0 { _mm_unpacklo_epi32(x, y) } else { _mm_unpackhi_epi32(x, y) }
+    });
+    for c in 0..8 {
+        let (x, y) = (b[c / 2], b[4 + c / 2]);
+        let col = if c % 2 == 0 { _mm_unpacklo_epi64(x, y) } else { _mm_unpackhi_epi64(x, y) };
+        _mm_storeu_si128(dst.add(c * dst_stride) as *mut __m128i, col);
     }
 }
 
@@ -323,41 +411,64 @@ mod tests {
         }
     }
 
+    /// Whatever layout the runs have, export gives back the written rows
+    /// (f16 of the written values), for partial and whole blocks; layouts
+    /// with sides that are multiples of 8 take the transposing fast path.
     #[test]
-    fn export_matches_the_runs_slot_by_slot() {
-        let l = layout();
-        let mut pool = KvPool::new(l, 4);
-        let mut t = BlockTable::default();
-        assert!(pool.ensure_capacity(&mut t, 7));
-        fill_random(&mut pool, t.blocks(), 7, 1);
-        let mut out = vec![f16::ZERO; 5 * l.head_dim];
-        pool.export_head_tokens(t.blocks(), 1, 1, 2, 1..6, &mut out);
-        for (i, pos) in (1..6).enumerate() {
-            let run = pool.run(t.blocks()[pos / l.block_size], 1, 1, 2);
-            let slot = pos % l.block_size;
-            assert_eq!(
-                &out[i * l.head_dim..(i + 1) * l.head_dim],
-                &run[slot * l.head_dim..(slot + 1) * l.head_dim],
-                "position {pos}"
-            );
+    fn export_returns_the_written_rows() {
+        let small = layout();
+        let wide = KvLayout { n_layers: 2, n_kv_heads: 2, head_dim: 16, block_size: 8 };
+        for l in [small, wide] {
+            let mut pool = KvPool::new(l, 16);
+            let mut t = BlockTable::default();
+            assert!(pool.ensure_capacity(&mut t, 21));
+            let value = |pos: usize, layer: usize, i: usize, kv: usize| {
+                let x = (pos * 131 + layer * 17 + i * 7 + kv * 3) % 1000;
+                x as f32 / 8.0 - if kv == 1 { 60.0 } else { 0.0 }
+            };
+            let width = l.n_kv_heads * l.head_dim;
+            for pos in 0..21 {
+                for layer in 0..l.n_layers {
+                    let k: Vec<f32> = (0..width).map(|i| value(pos, layer, i, 0)).collect();
+                    let v: Vec<f32> = (0..width).map(|i| value(pos, layer, i, 1)).collect();
+                    pool.write_token(t.blocks(), layer, pos, &k, &v);
+                }
+            }
+            for range in [0..21, 1..6, 8..16, 3..4] {
+                let mut out = vec![f16::ZERO; range.len() * l.head_dim];
+                for (layer, kv, head) in [(1, 0, 1), (1, 1, 1), (0, 0, 0), (0, 1, 0)] {
+                    pool.export_head_tokens(t.blocks(), layer, kv, head, range.clone(), &mut out);
+                    for (at, pos) in range.clone().enumerate() {
+                        for d in 0..l.head_dim {
+                            let want = f16::from_f32(value(pos, layer, head * l.head_dim + d, kv));
+                            assert_eq!(out[at * l.head_dim + d], want, "{l:?} {range:?} layer {layer} kv {kv} pos {pos}");
+                        }
+                    }
+                }
+            }
+            let mut empty: [f16; 0] = [];
+            pool.export_head_tokens(t.blocks(), 0, 0, 0, 3..3, &mut empty);
+            pool.free_table(t).unwrap();
         }
-        let mut empty: [f16; 0] = [];
-        pool.export_head_tokens(t.blocks(), 0, 0, 0, 3..3, &mut empty);
-        pool.free_table(t).unwrap();
     }
 
     /// Export from one block size, import into another: the rows are the
     /// same bits, so a file written from one pool loads into any other.
     #[test]
     fn export_then_import_across_block_sizes_is_bit_exact() {
-        let a_layout = layout();
-        let b_layout = KvLayout { block_size: 5, ..a_layout };
-        let n = 11;
-        let mut a = KvPool::new(a_layout, 8);
+        let wide = KvLayout { n_layers: 2, n_kv_heads: 2, head_dim: 16, block_size: 16 };
+        for (a_layout, b_bs) in [(layout(), 5), (wide, 8)] {
+            across_block_sizes(a_layout, KvLayout { block_size: b_bs, ..a_layout });
+        }
+    }
+
+    fn across_block_sizes(a_layout: KvLayout, b_layout: KvLayout) {
+        let n = 11 + a_layout.block_size;
+        let mut a = KvPool::new(a_layout, 16);
         let mut ta = BlockTable::default();
         assert!(a.ensure_capacity(&mut ta, n));
         fill_random(&mut a, ta.blocks(), n, 7);
-        let mut b = KvPool::new(b_layout, 4);
+        let mut b = KvPool::new(b_layout, 16);
         let mut skip = BlockTable::default();
         assert!(b.ensure_capacity(&mut skip, 1), "so b's table is not 0..");
         let mut tb = BlockTable::default();
@@ -391,8 +502,9 @@ mod tests {
         let k: Vec<f32> = (0..12).map(|i| i as f32).collect();
         let v: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
         pool.write_token(t.blocks(), 1, 3, &k, &v);
+        // Keys are dimension major: slot 1 of each of the 4 dimensions.
         let run = pool.run(t.blocks()[1], 1, 0, 2);
-        assert_eq!(&run[4..8], &[8.0, 9.0, 10.0, 11.0].map(f16::from_f32));
+        assert_eq!([run[1], run[3], run[5], run[7]], [8.0, 9.0, 10.0, 11.0].map(f16::from_f32));
         let run = pool.run(t.blocks()[1], 1, 1, 0);
         assert_eq!(&run[4..8], &[0.0, -1.0, -2.0, -3.0].map(f16::from_f32));
         pool.free_table(t).unwrap();

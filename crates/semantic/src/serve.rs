@@ -68,6 +68,12 @@ pub struct ServeArgs {
     /// Tokens per engine step (decodes plus prefill chunks).
     #[arg(long, env = "SEMANTIC_STEP_TOKENS", default_value_t = 512)]
     step_tokens: usize,
+    /// A step that carries prefill beside decodes aims at this many times
+    /// a decode-only step, so decoding agents keep a smooth inter-token
+    /// latency while another agent prefills; 0 turns the cap off (every
+    /// step fills `--step-tokens`).
+    #[arg(long, env = "SEMANTIC_MIXED_STEP_FACTOR", default_value_t = 2.0, value_parser = parse_factor)]
+    mixed_step_factor: f64,
     /// Sequences decoding at once.
     #[arg(long, env = "SEMANTIC_MAX_RUNNING", default_value_t = 16)]
     max_running: usize,
@@ -118,6 +124,7 @@ impl ServeArgs {
             hash_salt: u64::from_str_radix(fingerprint.as_str(), 16).unwrap_or(0),
             persist,
             kv_pool_bytes: self.kv_pool_mb << 20,
+            mixed_step_factor: self.mixed_step_factor,
             scheduler: SchedulerConfig {
                 step_tokens: self.step_tokens,
                 max_running: self.max_running,
@@ -252,6 +259,16 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("the TTL must be positive".into());
     }
     Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+/// A mixed-step factor: 0 (no cap) or a finite number above 1.
+fn parse_factor(s: &str) -> Result<f64, String> {
+    let f: f64 = s.trim().parse().map_err(|_| format!("expected a number, got {s:?}"))?;
+    if f == 0.0 || (f.is_finite() && f > 1.0) {
+        Ok(f)
+    } else {
+        Err(format!("must be 0 (no cap) or above 1, got {s}"))
+    }
 }
 
 /// The GGUF file name without `.gguf`: what `/v1/models` lists.

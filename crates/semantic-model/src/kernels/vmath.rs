@@ -28,6 +28,24 @@ pub(crate) unsafe fn exp256(x: __m256) -> __m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
 }
 
+/// [`exp256`] in 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
+    let n = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+    let fx = _mm512_cvtepi32_ps(n);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0)));
+    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127)));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+}
+
 /// SwiGLU on rows laid out `[gate (ff) | up (ff)]`: `out = silu(gate) * up`.
 pub fn silu_mul(gate_up: &[f32], ff: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
