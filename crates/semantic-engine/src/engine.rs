@@ -309,7 +309,7 @@ impl Engine {
             return Err(EngineError::PoolTooSmall { need, have });
         }
         let id = self.next_seq;
-        let state = SeqState { id, agent: req.agent.clone(), n_tokens: n, n_computed: 0, decoding: false };
+        let state = SeqState { id, agent: req.agent.clone(), n_tokens: n, n_computed: 0, decoding: false, paced: false };
         if !self.sched.add(state) {
             return Err(EngineError::Overloaded { waiting: self.sched.n_waiting() });
         }

@@ -49,7 +49,7 @@ impl Blocks for FakeBlocks {
 }
 
 fn seq(id: SeqId, agent: Option<&str>, prompt: usize) -> SeqState {
-    SeqState { id, agent: agent.map(|a| AgentId::new(a).unwrap()), n_tokens: prompt, n_computed: 0, decoding: false }
+    SeqState { id, agent: agent.map(|a| AgentId::new(a).unwrap()), n_tokens: prompt, n_computed: 0, decoding: false, paced: false }
 }
 
 fn cfg(step_tokens: usize, max_running: usize) -> SchedulerConfig {
@@ -178,7 +178,7 @@ fn a_sequence_that_cannot_fit_alone_preempts_itself_and_waits() {
 
 #[test]
 fn prefill_is_capped_while_others_decode() {
-    let mut s = Scheduler::new(cfg(512, 4));
+    let mut s = Scheduler::new(cfg(128, 4));
     let mut b = FakeBlocks::new(100);
     s.add(seq(1, None, 3));
     let cap = |decodes: usize| 16 * decodes;
@@ -189,9 +189,43 @@ fn prefill_is_capped_while_others_decode() {
     let plan = s.schedule_with(&mut b, &cap);
     assert_eq!(plan.work, vec![p(1, 1), p(2, 16)]);
     apply(&mut s, &plan);
+    for _ in 0..2 {
+        let plan = s.schedule_with(&mut b, &cap);
+        apply(&mut s, &plan);
+    }
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 16)], "52 left, a short prompt's size, but paced to the end");
+    apply(&mut s, &plan);
     s.remove(1);
     let plan = s.schedule_with(&mut b, &cap);
-    assert_eq!(plan.work, vec![p(2, 84)], "alone again: the whole budget");
+    assert_eq!(plan.work, vec![p(2, 36)], "alone again: the whole budget");
+}
+
+#[test]
+fn short_prompts_are_prefilled_whole_next_to_decodes() {
+    let mut s = Scheduler::new(cfg(128, 8));
+    let mut b = FakeBlocks::new(100);
+    let cap = |_: usize| 4;
+    for id in 1..=3 {
+        s.add(seq(id, None, 40));
+    }
+    s.add(seq(4, None, 60));
+    s.add(seq(5, None, 60));
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 40), p(2, 40), p(3, 40), p(4, 8)], "no decode yet: the budget");
+    apply(&mut s, &plan);
+    // 3 decodes, 2 prefills: capped, but both prompts are short (<= 64).
+    let plan = s.schedule_with(&mut b, &cap);
+    assert_eq!(plan.work, vec![p(1, 1), p(2, 1), p(3, 1), p(4, 52), p(5, 60)]);
+    apply(&mut s, &plan);
+    // A long prompt next to the 5 decodes is held to the cap, and a short
+    // one after it still goes whole.
+    s.add(seq(6, None, 90));
+    s.add(seq(7, None, 20));
+    let plan = s.schedule_with(&mut b, &cap);
+    let decodes: Vec<Planned> = (1..=5).map(|id| p(id, 1)).collect();
+    assert_eq!(plan.work[..5], decodes[..]);
+    assert_eq!(plan.work[5..], [p(6, 4), p(7, 20)]);
 }
 
 #[test]
