@@ -27,14 +27,20 @@
 //! step (slot-major keys with 8-key reductions -> this); in a whole decode
 //! step of 5 sequences 6.5 -> 5.5 ms (`decode_steps`, A/B in one session).
 //!
-//! A single-token tile (a decode) at head_dim 64 reads K and V straight
-//! from the pool's f16 runs instead (nothing to amortize a scratch copy
-//! over) and spreads the prefetch of the next span over its loops, two
-//! cache lines per step: decode attention is bound by reading K/V from
+//! At head_dim 64 with 16-slot blocks (AVX-512), tiles read K and V
+//! straight from the pool's f16 runs instead, each query converting as it
+//! goes (a span's 16 KiB stay in L1 for the tile's other queries), and
+//! spread the prefetch of the next span over their loops, two cache lines
+//! per step: attention over a long context is bound by reading K/V from
 //! memory, and reads issued in bursts left the memory idle while the span
-//! computed. 5-row decode step at ~230 tokens of context: 5.06 -> 4.29 ms;
-//! 1 row 2.78 -> 2.51 ms (`decode_steps`, medians of 5 interleaved runs
-//! against the build before).
+//! computed. Measured with `decode_steps` (medians of interleaved runs
+//! against the build before):
+//! - 5-row decode step at ~230 tokens of context 5.06 -> 4.29 ms, 1 row
+//!   2.78 -> 2.51 ms (single-token tiles only);
+//! - then for all tiles: a decode step beside a 2-token prefill chunk at
+//!   position 2000 7.9 -> 5.5 ms (what paces a long prefill next to
+//!   decoding agents), 16 tokens 17.5 -> 16.3 ms; whole 512-token prefills
+//!   unchanged (162 ms at 0, 317 ms at 1536).
 //!
 //! Checked against [`attend_scalar`] (plain two-loop softmax on the same
 //! inputs) in the tests.
@@ -314,10 +320,10 @@ mod simd {
         }
         /// `W` values at `src` to `dst`.
         unsafe fn vec_to_f32(src: *const f16, dst: *mut f32);
-        /// Single-token tiles at head_dim 64 and 16-slot blocks read K and
-        /// V straight from the pool ([`Lanes::scores_direct`],
-        /// [`Lanes::weighted_direct`]): with one query there is nothing to
-        /// amortize the f32 scratch over.
+        /// At head_dim 64 and 16-slot blocks, tiles read K and V straight
+        /// from the pool ([`Lanes::scores_direct`],
+        /// [`Lanes::weighted_direct`]; a span's 16 KiB stay in L1 for the
+        /// tile's other queries) rather than through the f32 scratch.
         const DIRECT: bool = false;
         /// [`Lanes::scores`] with the span's 4 key runs (`[64][16]` f16) in
         /// the pool; runs past the span's blocks repeat the first.
@@ -996,7 +1002,7 @@ mod simd {
             o.fill(0.0);
         }
         debug_assert!(keys.first_key.is_multiple_of(bs));
-        let direct = L::DIRECT && nt == 1 && hd == 64 && bs == 16;
+        let direct = L::DIRECT && hd == 64 && bs == 16;
         let mut first = keys.first_key;
         // The direct path prefetches the next span as it goes.
         for s in 0..if direct { 1 } else { KV_AHEAD } {
