@@ -508,7 +508,11 @@ impl Engine {
             });
             sample.push(last);
         }
-        match self.model.forward(&plan, &mut self.pool) {
+        let fwd_start = Instant::now();
+        let fwd = self.model.forward(&plan, &mut self.pool);
+        let fwd_ms = fwd_start.elapsed().as_secs_f64() * 1e3;
+        let plan_ms = (fwd_start - started).as_secs_f64() * 1e3;
+        match fwd {
             Ok(logits) => self.after_forward(&schedule.work, &sample, logits),
             Err(e) => {
                 tracing::error!("forward failed: {e}");
@@ -522,6 +526,8 @@ impl Engine {
             decodes = step.decode_tokens,
             prefill = step.prefill_tokens,
             ms = step.time.as_secs_f64() * 1e3,
+            fwd_ms,
+            plan_ms,
             cap = self.pace.prefill_cap(step.decode_tokens.max(1)),
             decode_ms = self.pace.decode_ms(step.decode_tokens.max(1)).unwrap_or(0.0),
             prefill_ms_per_token = self.pace.prefill_ms_per_token.unwrap_or(0.0),
