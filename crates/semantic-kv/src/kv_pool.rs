@@ -14,6 +14,7 @@
 use std::ops::Range;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use semantic_core::BlockId;
 
 use crate::prefix::PrefixIndex;
@@ -266,20 +267,26 @@ impl KvPool {
         let l = self.layout;
         let block = table[pos / l.block_size];
         let slot = pos % l.block_size;
+        let mut buf = [f16::ZERO; KEY_CHUNK];
         for head in 0..l.n_kv_heads {
             let src = &k[head * l.head_dim..(head + 1) * l.head_dim];
             let off = self.run_offset(block, layer, 0, head) + slot;
-            for (d, s) in src.iter().enumerate() {
-                self.data[off + d * l.block_size] = f16::from_f32(*s);
+            // Keys converted a slice at a time (F16C), then scattered.
+            for (c, chunk) in src.chunks(KEY_CHUNK).enumerate() {
+                let kh = &mut buf[..chunk.len()];
+                kh.convert_from_f32_slice(chunk);
+                for (i, h) in kh.iter().enumerate() {
+                    self.data[off + (c * KEY_CHUNK + i) * l.block_size] = *h;
+                }
             }
             let off = self.run_offset(block, layer, 1, head) + slot * l.head_dim;
-            let dst = &mut self.data[off..off + l.head_dim];
-            for (d, s) in dst.iter_mut().zip(&v[head * l.head_dim..(head + 1) * l.head_dim]) {
-                *d = f16::from_f32(*s);
-            }
+            self.data[off..off + l.head_dim].convert_from_f32_slice(&v[head * l.head_dim..(head + 1) * l.head_dim]);
         }
     }
 }
+
+/// Keys per conversion in [`KvPool::write_token`].
+const KEY_CHUNK: usize = 128;
 
 /// Key rows `slot..slot + n` of a dimension-major key run (`[dim][bs]`) into
 /// `rows` (`[n][dim]`). Whole blocks go through 8x8 transposes: a scalar

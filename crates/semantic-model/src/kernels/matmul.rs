@@ -751,6 +751,35 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// [`quantize_row_q8a`] in 16 lanes, one block in two vectors: the
+    /// quantization of activations is on the serial path of every decoded
+    /// row (four times per layer) and ~7% of a prefill.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn quantize_row_q8a_512(x: &[f32], out: &mut [BlockQ8A]) {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let abs = |v: __m512| _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(v)));
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_castps_si512(_mm512_set1_ps(1.0));
+        for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let v = [_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))];
+            let d = _mm512_reduce_max_ps(_mm512_max_ps(abs(v[0]), abs(v[1]))) / 127.0;
+            let id = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+            let q = v.map(|vi| {
+                let x = _mm512_mul_ps(vi, id);
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+                let tie = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(abs(_mm512_sub_ps(x, t)), half);
+                let signed_one = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(x), sign), one);
+                let away = _mm512_add_ps(t, _mm512_castsi512_ps(signed_one));
+                let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                _mm512_cvtps_epi32(_mm512_mask_blend_ps(tie, r, away))
+            });
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(q[0]));
+            _mm_storeu_si128(b.qs.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(q[1]));
+            b.set_scales(d, sum);
+        }
+    }
+
     /// AVX2 twin of `quantize_row_q8a_scalar`, bit for bit: rounds half away
     /// from zero (round to nearest even, then moves exact ties outwards).
     #[target_feature(enable = "avx2,fma,f16c")]

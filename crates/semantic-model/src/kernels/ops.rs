@@ -7,12 +7,26 @@
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let ss = sum_squares(xr) / d as f32;
         let scale = 1.0 / (ss + eps).sqrt();
         for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
         }
     }
+}
+
+/// `sum(x^2)` in 16 partial sums, which vectorize: a plain `.sum()` is
+/// one serial chain of adds (float addition does not reorder), ~0.5 us per
+/// 576-wide row, on the serial path of every decoded row twice per layer.
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    chunks.remainder().iter().map(|v| v * v).sum::<f32>() + acc.iter().sum::<f32>()
 }
 
 /// `x += y`.

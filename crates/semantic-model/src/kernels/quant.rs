@@ -159,8 +159,13 @@ pub fn quantize_row_q8a(x: &[f32], out: &mut [BlockQ8A]) {
     debug_assert_eq!(x.len(), out.len() * QK);
     #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: the CPU supports AVX2/FMA/F16C (checked above).
-        unsafe { super::matmul::avx2::quantize_row_q8a(x, out) };
+        if super::matmul::avx2::has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL checked by has_avx512().
+            unsafe { super::matmul::avx2::quantize_row_q8a_512(x, out) };
+        } else {
+            // SAFETY: the CPU supports AVX2/FMA/F16C (checked above).
+            unsafe { super::matmul::avx2::quantize_row_q8a(x, out) };
+        }
         return;
     }
     quantize_row_q8a_scalar(x, out)
@@ -213,11 +218,48 @@ mod tests {
             assert!((b.qs[i % 32] as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-3);
         }
         assert_eq!(&q[0].qs[..4], &[127, 3, -4, 1]);
-        let mut simd = vec![BlockQ8A::ZERO; 3];
-        quantize_row_q8a(&x, &mut simd);
-        for (a, b) in q.iter().zip(&simd) {
-            assert_eq!(a.qs, b.qs);
-            assert_eq!((a.d, a.s, a.sum), (b.d, b.s, b.sum));
+        // Every SIMD variant this CPU has, on the ties above and on random rows.
+        let mut rows = vec![x];
+        let mut seed = 5u64;
+        for scale in [1e-3f32, 1.0, 300.0] {
+            rows.push(
+                (0..320)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                    })
+                    .collect(),
+            );
+        }
+        for x in &rows {
+            let n = x.len() / QK;
+            let mut want = vec![BlockQ8A::ZERO; n];
+            quantize_row_q8a_scalar(x, &mut want);
+            let mut got = vec![BlockQ8A::ZERO; n];
+            quantize_row_q8a(x, &mut got);
+            #[cfg(target_arch = "x86_64")]
+            let mut variants = vec![got];
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::simd_available() {
+                let mut v = vec![BlockQ8A::ZERO; n];
+                // SAFETY: AVX2/FMA/F16C checked above.
+                unsafe { crate::kernels::matmul::avx2::quantize_row_q8a(x, &mut v) };
+                variants.push(v);
+                if crate::kernels::matmul::avx2::has_avx512() {
+                    let mut v = vec![BlockQ8A::ZERO; n];
+                    // SAFETY: AVX-512 checked above.
+                    unsafe { crate::kernels::matmul::avx2::quantize_row_q8a_512(x, &mut v) };
+                    variants.push(v);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let variants = vec![got];
+            for v in &variants {
+                for (a, b) in want.iter().zip(v) {
+                    assert_eq!(a.qs, b.qs);
+                    assert_eq!((a.d, a.s, a.sum), (b.d, b.s, b.sum));
+                }
+            }
         }
     }
 }
