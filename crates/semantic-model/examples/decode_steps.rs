@@ -13,7 +13,9 @@ fn main() {
     let model = LlamaModel::load(&GgufFile::open(args[1].as_ref()).unwrap()).unwrap();
     let (b, ctx, steps, chunk, at) = (arg(2, 5), arg(3, 128), arg(4, 200), arg(5, 0), arg(6, 0));
     let layout = model.kv_layout(16);
-    let mut pool = KvPool::new(layout, b * layout.blocks_for(ctx + steps) + layout.blocks_for(at + chunk));
+    let fresh = std::env::var_os("FRESH").is_some();
+    let extra = if fresh { steps * layout.blocks_for(at + chunk) } else { 0 };
+    let mut pool = KvPool::new(layout, b * layout.blocks_for(ctx + steps) + layout.blocks_for(at + chunk) + extra);
     let mut tables: Vec<BlockTable> = (0..b).map(|_| BlockTable::default()).collect();
     let mut prefill = BlockTable::default();
     assert!(pool.ensure_capacity(&mut prefill, at + chunk));
@@ -52,6 +54,11 @@ fn main() {
             })
             .collect();
         if chunk > 0 {
+            if fresh {
+                let mut t = BlockTable::default();
+                assert!(pool.ensure_capacity(&mut t, at + chunk));
+                prefill = t;
+            }
             let block_table = prefill.blocks().to_vec();
             seqs.push(SeqStep { tokens: toks(chunk), start_pos: at, block_table, logits: LogitsWanted::None });
         }

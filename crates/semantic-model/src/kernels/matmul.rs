@@ -253,13 +253,15 @@ fn groups_kernel(
     path: Path,
 ) {
     let gbytes = nb * group_block_bytes(w.ty);
+    // The kernels overwrite rows 0..t of `res` whole: zeroing it per tile
+    // showed up as a store stall in prefills.
+    let mut res = [[0f32; GROUP]; TILE];
     for g in groups {
         let r0 = g * GROUP;
         let live = (w.rows - r0).min(GROUP);
         let mut b0 = 0;
         while b0 < n_x {
             let t = (n_x - b0).min(TILE);
-            let mut res = [[0f32; GROUP]; TILE];
             #[cfg(target_arch = "x86_64")]
             if let Some(dot) = path {
                 let wg = &w.data[g * gbytes..(g + 1) * gbytes];
