@@ -207,7 +207,8 @@ impl Pace {
     /// Decode-only step time for `decodes` sequences, else for the nearest
     /// batch size measured.
     fn decode_ms(&self, decodes: usize) -> Option<f64> {
-        let known = self.decode_ms.iter().enumerate().filter_map(|(b, r)| r.median().map(|ms| (b.abs_diff(decodes), ms)));
+        let known =
+            self.decode_ms.iter().enumerate().filter_map(|(b, r)| r.median().map(|ms| (b.abs_diff(decodes), ms)));
         known.min_by_key(|&(distance, _)| distance).map(|(_, ms)| ms)
     }
 
@@ -338,7 +339,8 @@ impl Engine {
             return Err(EngineError::PoolTooSmall { need, have });
         }
         let id = self.next_seq;
-        let state = SeqState { id, agent: req.agent.clone(), n_tokens: n, n_computed: 0, decoding: false, paced: false };
+        let state =
+            SeqState { id, agent: req.agent.clone(), n_tokens: n, n_computed: 0, decoding: false, paced: false };
         if !self.sched.add(state) {
             return Err(EngineError::Overloaded { waiting: self.sched.n_waiting() });
         }

@@ -49,7 +49,14 @@ impl Blocks for FakeBlocks {
 }
 
 fn seq(id: SeqId, agent: Option<&str>, prompt: usize) -> SeqState {
-    SeqState { id, agent: agent.map(|a| AgentId::new(a).unwrap()), n_tokens: prompt, n_computed: 0, decoding: false, paced: false }
+    SeqState {
+        id,
+        agent: agent.map(|a| AgentId::new(a).unwrap()),
+        n_tokens: prompt,
+        n_computed: 0,
+        decoding: false,
+        paced: false,
+    }
 }
 
 fn cfg(step_tokens: usize, max_running: usize) -> SchedulerConfig {

@@ -343,14 +343,22 @@ unsafe fn transpose8x8(src: *const f16, src_stride: usize, dst: *mut f16, dst_st
     // a[2i], a[2i+1]: rows 2i and 2i+1 interleaved, columns 0-3 and 4-7.
     let a: [__m128i; 8] = std::array::from_fn(|i| {
         let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-        if i % 2 == 0 { _mm_unpacklo_epi16(x, y) } else { _mm_unpackhi_epi16(x, y) }
+        if i % 2 == 0 {
+            _mm_unpacklo_epi16(x, y)
+        } else {
+            _mm_unpackhi_epi16(x, y)
+        }
     });
     // b: four rows' columns in pairs: b[0] cols 0-1 of rows 0-3, b[1] cols
     // 2-3, b[2] cols 4-5, b[3] cols 6-7; b[4..8] the same for rows 4-7.
     let b: [__m128i; 8] = std::array::from_fn(|i| {
         let base = if i < 4 { 0 } else { 4 };
         let (x, y) = (a[base + (i % 4) / 2], a[base + 2 + (i % 4) / 2]);
-        if i % 2 == 0 { _mm_unpacklo_epi32(x, y) } else { _mm_unpackhi_epi32(x, y) }
+        if i % 2 == 0 {
+            _mm_unpacklo_epi32(x, y)
+        } else {
+            _mm_unpackhi_epi32(x, y)
+        }
     });
     for c in 0..8 {
         let (x, y) = (b[c / 2], b[4 + c / 2]);
@@ -448,7 +456,11 @@ mod tests {
                     for (at, pos) in range.clone().enumerate() {
                         for d in 0..l.head_dim {
                             let want = f16::from_f32(value(pos, layer, head * l.head_dim + d, kv));
-                            assert_eq!(out[at * l.head_dim + d], want, "{l:?} {range:?} layer {layer} kv {kv} pos {pos}");
+                            assert_eq!(
+                                out[at * l.head_dim + d],
+                                want,
+                                "{l:?} {range:?} layer {layer} kv {kv} pos {pos}"
+                            );
                         }
                     }
                 }

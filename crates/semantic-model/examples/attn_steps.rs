@@ -49,7 +49,10 @@ fn main() {
     let stream = |on: bool| {
         if on {
             let a = at.load(std::sync::atomic::Ordering::Relaxed);
-            sink.fetch_xor(weights[a..a + slice].iter().fold(0u64, |a, &b| a ^ b), std::sync::atomic::Ordering::Relaxed);
+            sink.fetch_xor(
+                weights[a..a + slice].iter().fold(0u64, |a, &b| a ^ b),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             at.store((a + slice) % (weights.len() - slice), std::sync::atomic::Ordering::Relaxed);
         }
     };
@@ -75,7 +78,9 @@ fn main() {
                             for &blk in tables[i / 3].blocks() {
                                 for kv in 0..2 {
                                     let run = pool.run(blk, layer, kv, i % 3);
-                                    let w: &[u64] = unsafe { std::slice::from_raw_parts(run.as_ptr() as *const u64, run.len() / 4) };
+                                    let w: &[u64] = unsafe {
+                                        std::slice::from_raw_parts(run.as_ptr() as *const u64, run.len() / 4)
+                                    };
                                     acc ^= w.iter().fold(0u64, |a, &v| a.wrapping_add(v));
                                 }
                             }

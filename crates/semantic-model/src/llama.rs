@@ -243,9 +243,9 @@ impl LlamaModel {
         let act = zeroed(act, n * c.ff_dim);
         let rows = row_chunk(n);
         for (li, l) in self.layers.iter().enumerate() {
-            by_rows(rows, (&x, dim), (&mut *h, dim), |x, h| rms_norm(x, &l.attn_norm, c.rms_eps, h));
-            quantize_if(&l.qkv, &h, dim, &mut *hq);
-            l.qkv.forward(&h, &hq, n, &mut *qkv)?;
+            by_rows(rows, (x, dim), (&mut *h, dim), |x, h| rms_norm(x, &l.attn_norm, c.rms_eps, h));
+            quantize_if(&l.qkv, h, dim, &mut *hq);
+            l.qkv.forward(h, hq, n, &mut *qkv)?;
             let rope = |(r, (rowv, qr)): (usize, (&mut [f32], &mut [f32]))| {
                 if let Some(b) = &l.qkv_bias {
                     add_assign(rowv, b);
@@ -267,18 +267,18 @@ impl LlamaModel {
                     pool.write_token(&s.block_table, li, s.start_pos + j, k, v);
                 }
             }
-            paged_attention(&q, &mut *att, pool, li, &attn_seqs, shape);
-            quantize_if(&l.wo, &att, q_w, &mut *hq);
-            l.wo.forward(&att, &hq, n, &mut *proj)?;
-            by_rows(rows, (&proj, dim), (&mut *x, dim), |p, x| add_assign(x, p));
+            paged_attention(q, &mut *att, pool, li, &attn_seqs, shape);
+            quantize_if(&l.wo, att, q_w, &mut *hq);
+            l.wo.forward(att, hq, n, &mut *proj)?;
+            by_rows(rows, (proj, dim), (&mut *x, dim), |p, x| add_assign(x, p));
 
-            by_rows(rows, (&x, dim), (&mut *h, dim), |x, h| rms_norm(x, &l.ffn_norm, c.rms_eps, h));
-            quantize_if(&l.gate_up, &h, dim, &mut *hq);
-            l.gate_up.forward(&h, &hq, n, &mut *gu)?;
-            by_rows(rows, (&gu, 2 * c.ff_dim), (&mut *act, c.ff_dim), |g, a| silu_mul(g, c.ff_dim, a));
-            quantize_if(&l.down, &act, c.ff_dim, &mut *hq);
-            l.down.forward(&act, &hq, n, &mut *proj)?;
-            by_rows(rows, (&proj, dim), (&mut *x, dim), |p, x| add_assign(x, p));
+            by_rows(rows, (x, dim), (&mut *h, dim), |x, h| rms_norm(x, &l.ffn_norm, c.rms_eps, h));
+            quantize_if(&l.gate_up, h, dim, &mut *hq);
+            l.gate_up.forward(h, hq, n, &mut *gu)?;
+            by_rows(rows, (gu, 2 * c.ff_dim), (&mut *act, c.ff_dim), |g, a| silu_mul(g, c.ff_dim, a));
+            quantize_if(&l.down, act, c.ff_dim, &mut *hq);
+            l.down.forward(act, hq, n, &mut *proj)?;
+            by_rows(rows, (proj, dim), (&mut *x, dim), |p, x| add_assign(x, p));
         }
         self.logits(plan, x)
     }

@@ -140,7 +140,7 @@ pub fn paged_attention(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let parts_ptr = SendPtr(parts.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let attend_tile: unsafe fn(&QueryTile<'_>, Vec<&mut [f32]>, &Keys<'_>, AttnShape, Option<&mut [f32]>) =
+    let attend_tile: TileFn =
         if simd::use_avx512(shape.head_dim) { simd::attend_tile_avx512 } else { simd::attend_tile };
     let run = |it: &Item| {
         let s = &seqs[it.seq];
@@ -181,6 +181,11 @@ pub fn paged_attention(
         merge_parts(&items, seqs, &parts, out, shape);
     }
 }
+
+/// One tile's attention: queries, one output row per query, keys, shape,
+/// and the split-result slot when the key range is split.
+#[cfg(target_arch = "x86_64")]
+type TileFn = unsafe fn(&QueryTile<'_>, Vec<&mut [f32]>, &Keys<'_>, AttnShape, Option<&mut [f32]>);
 
 /// Combines the split results of each (token, kv head):
 /// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
@@ -354,7 +359,15 @@ mod simd {
         /// q_h . k_j` for keys `j < n` of the span in `kt` (dimension major,
         /// `kt[d * SPAN + j]`), -inf from `n` to the next multiple of `W`;
         /// `maxes[h]` = the largest score.
-        unsafe fn scores(q: &[f32], hd: usize, kt: &[f32], n: usize, scale: f32, out: &mut [[f32; SPAN]], maxes: &mut [f32]);
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            kt: &[f32],
+            n: usize,
+            scale: f32,
+            out: &mut [[f32; SPAN]],
+            maxes: &mut [f32],
+        );
         /// `s[j] = exp(s[j] - m)` for `j < n` (s.len() is n rounded up to
         /// `W`); returns the sum of the first `n`.
         unsafe fn exp_shifted(s: &mut [f32], n: usize, m: f32) -> f32;
@@ -398,7 +411,15 @@ mod simd {
         /// multiply-add per dimension gives eight scores. (With keys slot
         /// major this took one dot product and a horizontal sum per key.)
         #[inline(always)]
-        unsafe fn scores(q: &[f32], hd: usize, kt: &[f32], n: usize, scale: f32, out: &mut [[f32; SPAN]], maxes: &mut [f32]) {
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            kt: &[f32],
+            n: usize,
+            scale: f32,
+            out: &mut [[f32; SPAN]],
+            maxes: &mut [f32],
+        ) {
             debug_assert!(kt.len() >= hd * SPAN && n <= SPAN);
             let chunks = n.div_ceil(8);
             for (h, (o, mx)) in out.iter_mut().zip(maxes.iter_mut()).enumerate() {
@@ -568,7 +589,15 @@ mod simd {
         /// accumulators, each dimension's 4 key vectors loaded once for all
         /// three heads.
         #[inline(always)]
-        unsafe fn scores(q: &[f32], hd: usize, kt: &[f32], n: usize, scale: f32, out: &mut [[f32; SPAN]], maxes: &mut [f32]) {
+        unsafe fn scores(
+            q: &[f32],
+            hd: usize,
+            kt: &[f32],
+            n: usize,
+            scale: f32,
+            out: &mut [[f32; SPAN]],
+            maxes: &mut [f32],
+        ) {
             debug_assert!(kt.len() >= hd * SPAN && n <= SPAN);
             let mut h = 0;
             while h < out.len() {
@@ -654,8 +683,10 @@ mod simd {
     }
 
     /// Scores of `G` heads over the first `C` 16-key chunks of a span
-    /// (`C * 16 >= n`); see [`Lanes::scores`].
+    /// (`C * 16 >= n`); see [`Lanes::scores`]. Register tiles are indexed
+    /// by constant bounds on purpose, so the loops unroll.
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn scores_heads<const G: usize, const C: usize>(
         q: &[f32],
         hd: usize,
@@ -745,6 +776,7 @@ mod simd {
     /// [`scores_heads`] for `G` heads at head_dim 64, the keys read from
     /// the pool's f16 runs (`[64][16]` each, 4 per span).
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn scores_heads_f16<const G: usize>(
         q: &[f32],
         k: &[*const f16; 4],
@@ -910,15 +942,8 @@ mod simd {
         with_scratch(tile, outs, keys, shape, partial, spans_avx512)
     }
 
-    type SpansFn = unsafe fn(
-        &QueryTile<'_>,
-        &mut [&mut [f32]],
-        &Keys<'_>,
-        AttnShape,
-        &mut [f32],
-        &mut [f32],
-        Option<&mut [f32]>,
-    );
+    type SpansFn =
+        unsafe fn(&QueryTile<'_>, &mut [&mut [f32]], &Keys<'_>, AttnShape, &mut [f32], &mut [f32], Option<&mut [f32]>);
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn spans_avx2(
@@ -1036,7 +1061,10 @@ mod simd {
                 // but finite values, and their scores are masked.
                 L::rows_to_f32(keys.pool.run(block, keys.layer, 0, keys.kv_head), bs, &mut kbuf[b * bs..], SPAN);
                 let at = b * bs * hd;
-                L::to_f32(&keys.pool.run(block, keys.layer, 1, keys.kv_head)[..valid * hd], &mut vbuf[at..at + valid * hd]);
+                L::to_f32(
+                    &keys.pool.run(block, keys.layer, 1, keys.kv_head)[..valid * hd],
+                    &mut vbuf[at..at + valid * hd],
+                );
             }
             for (t, o) in outs.iter_mut().enumerate() {
                 let limit = keys.n_keys - (nt - 1 - t);
@@ -1079,7 +1107,6 @@ mod simd {
             }
         }
     }
-
 }
 
 #[cfg(test)]
