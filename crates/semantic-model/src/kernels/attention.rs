@@ -21,8 +21,8 @@
 //! multiply-add per dimension yields 16 scores (8 with AVX2) and no
 //! horizontal sums are needed; with keys slot major, scoring took a dot
 //! product and a reduction per key and was the largest part of decode
-//! attention. AVX-512 (chosen at run time) scores and weighs up to three
-//! heads per pass over K and V. A 5-sequence decode at ~230 tokens of
+//! attention. AVX-512 (chosen at run time) scores up to three heads per
+//! pass over K (and, on the direct path below, weighs them per pass over V). A 5-sequence decode at ~230 tokens of
 //! context, attention alone, 2 threads, K/V in cache: 0.78 -> 0.54 ms per
 //! step (slot-major keys with 8-key reductions -> this); in a whole decode
 //! step of 5 sequences 6.5 -> 5.5 ms (`decode_steps`, A/B in one session).
@@ -127,10 +127,42 @@ pub fn paged_attention(
     seqs: &[AttnSeq<'_>],
     shape: AttnShape,
 ) {
+    paged_attention_on(Path::best(shape.head_dim), q, out, pool, layer, seqs, shape)
+}
+
+/// Which kernels run the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Path {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Path {
+    fn best(head_dim: usize) -> Path {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd_available() {
+            return if simd::use_avx512(head_dim) { Path::Avx512 } else { Path::Avx2 };
+        }
+        let _ = head_dim;
+        Path::Scalar
+    }
+}
+
+fn paged_attention_on(
+    path: Path,
+    q: &[f32],
+    out: &mut [f32],
+    pool: &KvPool,
+    layer: usize,
+    seqs: &[AttnSeq<'_>],
+    shape: AttnShape,
+) {
     let group = shape.n_heads / shape.n_kv_heads;
     let width = shape.n_heads * shape.head_dim;
     let len = group * shape.head_dim;
-    let simd = super::simd_available();
+    let simd = path != Path::Scalar;
     let bs = pool.layout().block_size;
     let items = plan_items(seqs, shape, rayon::current_num_threads(), bs, simd);
     // Split items write unnormalized acc, then m and l, per part.
@@ -140,8 +172,7 @@ pub fn paged_attention(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let parts_ptr = SendPtr(parts.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let attend_tile: TileFn =
-        if simd::use_avx512(shape.head_dim) { simd::attend_tile_avx512 } else { simd::attend_tile };
+    let attend_tile: TileFn = if path == Path::Avx512 { simd::attend_tile_avx512 } else { simd::attend_tile };
     let run = |it: &Item| {
         let s = &seqs[it.seq];
         let keys = Keys { pool, layer, kv_head: it.kv_head, table: s.block_table, first_key: it.k0, n_keys: it.k1 };
@@ -304,10 +335,18 @@ mod simd {
     /// points enable the target features, and everything here is inlined
     /// into them.
     trait Lanes {
-        /// Scores per step of [`Lanes::score_span`]; head_dim must be a
-        /// multiple of it.
+        /// Lanes per vector; head_dim must be a multiple of it.
         const W: usize;
-        unsafe fn to_f32(src: &[f16], dst: &mut [f32]);
+        #[inline(always)]
+        unsafe fn to_f32(src: &[f16], dst: &mut [f32]) {
+            let whole = src.len() / Self::W * Self::W;
+            for i in (0..whole).step_by(Self::W) {
+                Self::vec_to_f32(src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+            }
+            for i in whole..src.len() {
+                dst[i] = src[i].to_f32();
+            }
+        }
         /// Row `r` of `src` (`[rows][width]`) into `dst[r * stride..][..width]`.
         #[inline(always)]
         unsafe fn rows_to_f32(src: &[f16], width: usize, dst: &mut [f32], stride: usize) {
@@ -393,18 +432,6 @@ mod simd {
         #[inline(always)]
         unsafe fn vec_to_f32(src: *const f16, dst: *mut f32) {
             _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i)));
-        }
-
-        #[inline(always)]
-        unsafe fn to_f32(src: &[f16], dst: &mut [f32]) {
-            let n8 = src.len() / 8 * 8;
-            for i in (0..n8).step_by(8) {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            }
-            for i in n8..src.len() {
-                dst[i] = src[i].to_f32();
-            }
         }
 
         /// One head at a time, the span's 64 keys in eight accumulators; a
@@ -573,18 +600,6 @@ mod simd {
             _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i)));
         }
 
-        #[inline(always)]
-        unsafe fn to_f32(src: &[f16], dst: &mut [f32]) {
-            let n16 = src.len() / 16 * 16;
-            for i in (0..n16).step_by(16) {
-                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-            }
-            for i in n16..src.len() {
-                dst[i] = src[i].to_f32();
-            }
-        }
-
         /// Up to three heads at a time over the span's 64 keys: 12
         /// accumulators, each dimension's 4 key vectors loaded once for all
         /// three heads.
@@ -629,27 +644,6 @@ mod simd {
                 sum = _mm512_add_ps(sum, e);
             }
             _mm512_reduce_add_ps(sum)
-        }
-
-        /// Three heads at a time for head_dim 64: each V row is loaded once
-        /// for all of them (12 accumulators).
-        #[inline(always)]
-        unsafe fn weighted_sums(acc: &mut [f32], hd: usize, c: &[f32], p: &[[f32; SPAN]], n: usize, v: &[f32]) {
-            let mut h = 0;
-            while h < c.len() {
-                let take = (c.len() - h).min(3);
-                let a = &mut acc[h * hd..(h + take) * hd];
-                match (hd, take) {
-                    (64, 3) => weighted_heads::<3, 4>(a, &c[h..h + 3], &p[h..h + 3], n, v),
-                    (64, 2) => weighted_heads::<2, 4>(a, &c[h..h + 2], &p[h..h + 2], n, v),
-                    _ => {
-                        for g in h..h + take {
-                            Self::weighted_sum(&mut acc[g * hd..(g + 1) * hd], c[g], &p[g][..n], v);
-                        }
-                    }
-                }
-                h += take;
-            }
         }
 
         #[inline(always)]
@@ -813,8 +807,9 @@ mod simd {
         }
     }
 
-    /// [`weighted_heads`] for `G` heads at head_dim 64, the values read
-    /// from the pool's f16 runs (`[16][64]` each).
+    /// `acc[g] = c[g] * acc[g] + sum_j p[g][j] * V[j]` for `G` heads at
+    /// head_dim 64, the values read from the pool's f16 runs (`[16][64]`
+    /// each): each V row is converted once for all of them.
     #[inline(always)]
     unsafe fn weighted_heads_f16<const G: usize>(
         acc: &mut [f32],
@@ -843,39 +838,6 @@ mod simd {
         for (g, rg) in r.iter().enumerate() {
             for (k, rk) in rg.iter().enumerate() {
                 _mm512_storeu_ps(acc.as_mut_ptr().add(g * 64 + 16 * k), *rk);
-            }
-        }
-    }
-
-    /// `acc[g] = c[g] * acc[g] + sum_j p[g][j] * V[j]` for `G` heads of
-    /// head_dim `HD16 * 16`.
-    #[inline(always)]
-    unsafe fn weighted_heads<const G: usize, const HD16: usize>(
-        acc: &mut [f32],
-        c: &[f32],
-        p: &[[f32; SPAN]],
-        n: usize,
-        v: &[f32],
-    ) {
-        let hd = HD16 * 16;
-        debug_assert!(acc.len() >= G * hd && v.len() >= n * hd);
-        let mut r: [[__m512; HD16]; G] = std::array::from_fn(|g| {
-            let cv = _mm512_set1_ps(c[g]);
-            std::array::from_fn(|k| _mm512_mul_ps(cv, _mm512_loadu_ps(acc.as_ptr().add(g * hd + 16 * k))))
-        });
-        for j in 0..n {
-            let row = v.as_ptr().add(j * hd);
-            let x: [__m512; HD16] = std::array::from_fn(|k| _mm512_loadu_ps(row.add(16 * k)));
-            for (g, rg) in r.iter_mut().enumerate() {
-                let pv = _mm512_set1_ps(*p.get_unchecked(g).get_unchecked(j));
-                for k in 0..HD16 {
-                    rg[k] = _mm512_fmadd_ps(pv, x[k], rg[k]);
-                }
-            }
-        }
-        for (g, rg) in r.iter().enumerate() {
-            for (k, rk) in rg.iter().enumerate() {
-                _mm512_storeu_ps(acc.as_mut_ptr().add(g * hd + 16 * k), *rk);
             }
         }
     }
@@ -1055,16 +1017,16 @@ mod simd {
             }
             // Otherwise K into `kbuf` dimension major (`[d][SPAN]`, as the
             // runs are), V into `vbuf` slot major.
-            for (b, &block) in blocks.iter().enumerate().filter(|_| !direct) {
-                let valid = (n - b * bs).min(bs);
-                // Whole rows of the block: slots past `valid` hold stale
-                // but finite values, and their scores are masked.
-                L::rows_to_f32(keys.pool.run(block, keys.layer, 0, keys.kv_head), bs, &mut kbuf[b * bs..], SPAN);
-                let at = b * bs * hd;
-                L::to_f32(
-                    &keys.pool.run(block, keys.layer, 1, keys.kv_head)[..valid * hd],
-                    &mut vbuf[at..at + valid * hd],
-                );
+            if !direct {
+                for (b, &block) in blocks.iter().enumerate() {
+                    let valid = (n - b * bs).min(bs);
+                    // Whole rows of the block: slots past `valid` hold stale
+                    // but finite values, and their scores are masked.
+                    let k = keys.pool.run(block, keys.layer, 0, keys.kv_head);
+                    L::rows_to_f32(k, bs, &mut kbuf[b * bs..], SPAN);
+                    let (v, at) = (keys.pool.run(block, keys.layer, 1, keys.kv_head), b * bs * hd);
+                    L::to_f32(&v[..valid * hd], &mut vbuf[at..at + valid * hd]);
+                }
             }
             for (t, o) in outs.iter_mut().enumerate() {
                 let limit = keys.n_keys - (nt - 1 - t);
@@ -1073,8 +1035,12 @@ mod simd {
                 }
                 let nn = (limit - first).min(n);
                 let q = &tile.q[tile.rows[t]..tile.rows[t] + tile.len];
+                // The tile's first query prefetches the next span; the
+                // others would only repeat it.
+                let none = [std::ptr::null::<f16>(); 4];
+                let (kn, vn) = if t == 0 { (&kn, &vn) } else { (&none, &none) };
                 if direct {
-                    L::scores_direct(q, &kr, &kn, nn, shape.scale, &mut scores[..group], &mut maxes[..group]);
+                    L::scores_direct(q, &kr, kn, nn, shape.scale, &mut scores[..group], &mut maxes[..group]);
                 } else {
                     L::scores(q, hd, kbuf, nn, shape.scale, &mut scores[..group], &mut maxes[..group]);
                 }
@@ -1089,7 +1055,7 @@ mod simd {
                     rescale[h] = c;
                 }
                 if direct {
-                    L::weighted_direct(o, &rescale[..group], &scores[..group], nn, &vr, &vn);
+                    L::weighted_direct(o, &rescale[..group], &scores[..group], nn, &vr, vn);
                 } else {
                     L::weighted_sums(o, hd, &rescale[..group], &scores[..group], nn, vbuf);
                 }
@@ -1150,6 +1116,8 @@ mod tests {
             (10, 2, 64, 16, 40),
             (8, 4, 64, 16, 600),
             (10, 2, 64, 16, 1000),
+            // head_dim 64 off the direct path (8-slot blocks).
+            (9, 3, 64, 8, 45),
             // Decode of long sequences: key ranges split across items.
             (9, 3, 64, 16, 1000),
             (8, 2, 32, 8, 600),
@@ -1177,28 +1145,46 @@ mod tests {
             let q: Vec<f32> = (0..n_new * n_heads * hd).map(|_| lcg(&mut seed)).collect();
             let mut out = vec![0f32; q.len()];
             let seq = AttnSeq { block_table: table.blocks(), start_pos: n_tok - n_new, n_new, first_row: 0 };
-            paged_attention(&q, &mut out, &pool, 1, &[seq], shape);
-            let group = n_heads / n_kv;
-            for t in 0..n_new {
-                for g in 0..n_kv {
-                    let off = t * n_heads * hd + g * group * hd;
-                    let len = group * hd;
-                    let keys = Keys {
-                        first_key: 0,
-                        pool: &pool,
-                        layer: 1,
-                        kv_head: g,
-                        table: table.blocks(),
-                        n_keys: n_tok - n_new + t + 1,
-                    };
-                    let mut want = vec![0f32; len];
-                    attend_scalar(&q[off..off + len], &mut want, &keys, shape);
-                    for (a, b) in out[off..off + len].iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-4, "{n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}");
-                    }
-                }
+            // Every path this CPU has, not only the one it would pick.
+            let best = Path::best(hd);
+            let mut paths = vec![Path::Scalar, best];
+            if best == Path::Avx512 {
+                paths.push(Path::Avx2);
+            }
+            paths.dedup();
+            for path in paths {
+                out.fill(f32::NAN);
+                paged_attention_on(path, &q, &mut out, &pool, 1, &[seq], shape);
+                check_against_scalar(&q, &out, &pool, table.blocks(), (n_heads, n_kv, hd, n_tok, n_new), shape, path);
             }
             pool.free_table(table).unwrap();
+        }
+    }
+
+    /// `out` against [`attend_scalar`] for every new token and kv head.
+    fn check_against_scalar(
+        q: &[f32],
+        out: &[f32],
+        pool: &KvPool,
+        table: &[BlockId],
+        (n_heads, n_kv, hd, n_tok, n_new): (usize, usize, usize, usize, usize),
+        shape: AttnShape,
+        path: Path,
+    ) {
+        let group = n_heads / n_kv;
+        let len = group * hd;
+        for t in 0..n_new {
+            for g in 0..n_kv {
+                let off = t * n_heads * hd + g * len;
+                let n_keys = n_tok - n_new + t + 1;
+                let keys = Keys { first_key: 0, pool, layer: 1, kv_head: g, table, n_keys };
+                let mut want = vec![0f32; len];
+                attend_scalar(&q[off..off + len], &mut want, &keys, shape);
+                let bs = pool.layout().block_size;
+                for (a, b) in out[off..off + len].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{path:?} {n_heads}/{n_kv}x{hd} bs={bs}: {a} vs {b}");
+                }
+            }
         }
     }
 }
