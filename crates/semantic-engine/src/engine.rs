@@ -207,9 +207,8 @@ impl Pace {
     /// Decode-only step time for `decodes` sequences, else for the nearest
     /// batch size measured.
     fn decode_ms(&self, decodes: usize) -> Option<f64> {
-        let known =
-            self.decode_ms.iter().enumerate().filter_map(|(b, r)| r.median().map(|ms| (b.abs_diff(decodes), ms)));
-        known.min_by_key(|&(distance, _)| distance).map(|(_, ms)| ms)
+        let known = self.decode_ms.iter().enumerate().filter(|(_, r)| r.n > 0);
+        known.min_by_key(|&(b, _)| b.abs_diff(decodes)).and_then(|(_, r)| r.median())
     }
 
     fn observe(&mut self, st: &StepStats) {

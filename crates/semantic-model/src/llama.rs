@@ -64,9 +64,10 @@ pub struct LlamaModel {
 
 /// Activation buffers of one step, kept between steps (at most a full
 /// step's worth: ~17 MB at 512 tokens). Allocated per step, the buffers
-/// over the allocator's mmap threshold were fresh pages every time, and
-/// the matmul's output writes stalled on them: a 400-token prefill took
-/// 150-165 ms in the server against 114 ms with warm buffers.
+/// over the server's mmap threshold (4 MiB) are fresh pages every time: a
+/// ~400-token prefill in the server took 141-143 ms in 3 of 6 runs and
+/// 122-125 ms in the others; with the buffers kept, 119-125 ms in 5 of 5
+/// (forward time from the step trace, 10 requests per run).
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,
