@@ -11,6 +11,7 @@
 //!
 //! The storage is one zeroed allocation; untouched pages cost no RSS.
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use half::f16;
@@ -37,6 +38,11 @@ impl KvLayout {
 
     pub fn block_elems(&self) -> usize {
         self.n_layers * 2 * self.n_kv_heads * self.run_elems()
+    }
+
+    /// Element offset of a run (one head's K or V of one layer) in the pool.
+    fn run_offset(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> usize {
+        block.index() * self.block_elems() + ((layer * 2 + kv) * self.n_kv_heads + head) * self.run_elems()
     }
 
     pub fn block_bytes(&self) -> usize {
@@ -171,8 +177,7 @@ impl KvPool {
     }
 
     fn run_offset(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> usize {
-        let l = &self.layout;
-        block.index() * l.block_elems() + ((layer * 2 + kv) * l.n_kv_heads + head) * l.run_elems()
+        self.layout.run_offset(block, layer, kv, head)
     }
 
     /// The `block_size * head_dim` keys (kv = 0) or values (kv = 1) of one
@@ -264,23 +269,64 @@ impl KvPool {
     /// Stores K and V (`n_kv_heads * head_dim` f32 each) of the token at
     /// position `pos` of a sequence with block table `table`.
     pub fn write_token(&mut self, table: &[BlockId], layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        // SAFETY: `&mut self` rules out any other write.
+        unsafe { self.token_writer().write(table, layer, pos, k, v) }
+    }
+
+    /// A handle that stores tokens from several threads at once (the rows
+    /// of one step), each into its own slot.
+    pub fn token_writer(&mut self) -> TokenWriter<'_> {
+        TokenWriter { layout: self.layout, data: self.data.as_mut_ptr(), len: self.data.len(), _pool: PhantomData }
+    }
+}
+
+/// See [`KvPool::token_writer`].
+pub struct TokenWriter<'a> {
+    layout: KvLayout,
+    data: *mut f16,
+    len: usize,
+    _pool: PhantomData<&'a mut KvPool>,
+}
+
+// SAFETY: the writer is a `&mut KvPool` whose writes callers keep disjoint
+// (see `TokenWriter::write`).
+unsafe impl Send for TokenWriter<'_> {}
+unsafe impl Sync for TokenWriter<'_> {}
+
+impl TokenWriter<'_> {
+    /// [`KvPool::write_token`] through a shared handle.
+    ///
+    /// # Safety
+    /// Calls that may run at the same time write different (block, slot)
+    /// pairs: different positions of one table, or blocks of different
+    /// tables (a step's sequences write only blocks they own alone).
+    pub unsafe fn write(&self, table: &[BlockId], layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let l = self.layout;
         let block = table[pos / l.block_size];
         let slot = pos % l.block_size;
+        assert!(
+            layer < l.n_layers && (block.index() + 1) * l.block_elems() <= self.len,
+            "block or layer out of the pool"
+        );
+        assert!(k.len() >= l.n_kv_heads * l.head_dim && v.len() >= l.n_kv_heads * l.head_dim);
         let mut buf = [f16::ZERO; KEY_CHUNK];
         for head in 0..l.n_kv_heads {
             let src = &k[head * l.head_dim..(head + 1) * l.head_dim];
-            let off = self.run_offset(block, layer, 0, head) + slot;
+            let off = l.run_offset(block, layer, 0, head) + slot;
             // Keys converted a slice at a time (F16C), then scattered.
             for (c, chunk) in src.chunks(KEY_CHUNK).enumerate() {
                 let kh = &mut buf[..chunk.len()];
                 kh.convert_from_f32_slice(chunk);
                 for (i, h) in kh.iter().enumerate() {
-                    self.data[off + (c * KEY_CHUNK + i) * l.block_size] = *h;
+                    // SAFETY: inside the block (asserted above); this slot
+                    // is ours alone (the caller's contract).
+                    *self.data.add(off + (c * KEY_CHUNK + i) * l.block_size) = *h;
                 }
             }
-            let off = self.run_offset(block, layer, 1, head) + slot * l.head_dim;
-            self.data[off..off + l.head_dim].convert_from_f32_slice(&v[head * l.head_dim..(head + 1) * l.head_dim]);
+            let off = l.run_offset(block, layer, 1, head) + slot * l.head_dim;
+            // SAFETY: as above.
+            let dst = std::slice::from_raw_parts_mut(self.data.add(off), l.head_dim);
+            dst.convert_from_f32_slice(&v[head * l.head_dim..(head + 1) * l.head_dim]);
         }
     }
 }

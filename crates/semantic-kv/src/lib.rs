@@ -8,5 +8,5 @@ mod kv_pool;
 mod prefix;
 
 pub use block_pool::{BlockPool, PoolError};
-pub use kv_pool::{zeroed_f16, BlockTable, KvLayout, KvPool};
+pub use kv_pool::{zeroed_f16, BlockTable, KvLayout, KvPool, TokenWriter};
 pub use prefix::{block_hash, BlockHash};

@@ -8,6 +8,7 @@
 
 use semantic_kv::{BlockTable, KvLayout, KvPool};
 use semantic_model::kernels::attention::{paged_attention, AttnSeq, AttnShape};
+use semantic_model::kernels::team::{for_each, Team};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -36,7 +37,7 @@ fn main() {
     }
     let q: Vec<f32> = (0..b * 576).map(|_| rnd()).collect();
     let mut out = vec![0f32; q.len()];
-    let threads = rayon::ThreadPoolBuilder::new().num_threads(nthreads).build().unwrap();
+    let threads = Team::new(nthreads).unwrap();
     let seqs: Vec<AttnSeq<'_>> = tables
         .iter()
         .enumerate()
@@ -69,25 +70,18 @@ fn main() {
             for layer in 0..30 {
                 stream(hot == 2);
                 if hot == 3 {
-                    use rayon::prelude::*;
-                    let x: u64 = (0..b * 3)
-                        .into_par_iter()
-                        .with_max_len(1)
-                        .map(|i| {
-                            let mut acc = 0u64;
-                            for &blk in tables[i / 3].blocks() {
-                                for kv in 0..2 {
-                                    let run = pool.run(blk, layer, kv, i % 3);
-                                    let w: &[u64] = unsafe {
-                                        std::slice::from_raw_parts(run.as_ptr() as *const u64, run.len() / 4)
-                                    };
-                                    acc ^= w.iter().fold(0u64, |a, &v| a.wrapping_add(v));
-                                }
+                    for_each(b * 3, |i| {
+                        let mut acc = 0u64;
+                        for &blk in tables[i / 3].blocks() {
+                            for kv in 0..2 {
+                                let run = pool.run(blk, layer, kv, i % 3);
+                                let w: &[u64] =
+                                    unsafe { std::slice::from_raw_parts(run.as_ptr() as *const u64, run.len() / 4) };
+                                acc ^= w.iter().fold(0u64, |a, &v| a.wrapping_add(v));
                             }
-                            acc
-                        })
-                        .reduce(|| 0, |a, b| a ^ b);
-                    sink.fetch_xor(x, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        sink.fetch_xor(acc, std::sync::atomic::Ordering::Relaxed);
+                    });
                 } else {
                     paged_attention(&q, &mut out, &pool, if hot == 1 { 0 } else { layer }, &seqs, shape);
                 }

@@ -2,6 +2,7 @@
 //! runs STEPS batched decode steps of B sequences at CTX tokens of context;
 //! with CHUNK, each step also prefills CHUNK tokens of another sequence at
 //! position AT (a mixed step, as when an agent prefills beside decodes).
+//! With `SEMANTIC_FORWARD_PROFILE=1`, it also prints the time per phase.
 
 use semantic_core::{LogitsWanted, SeqStep, StepPlan};
 use semantic_kv::{BlockTable, KvPool};
@@ -42,6 +43,7 @@ fn main() {
         };
         model.forward(&plan, &mut pool).unwrap();
     }
+    semantic_model::llama::forward_profile();
     let t0 = std::time::Instant::now();
     for s in 0..steps {
         let mut seqs: Vec<SeqStep> = tables
@@ -70,6 +72,11 @@ fn main() {
         dt * 1e3 / steps as f64,
         (b * steps) as f64 / dt
     );
+    for (name, t) in semantic_model::llama::forward_profile() {
+        if !t.is_zero() {
+            println!("  {name:>15}: {:.3} ms/step", t.as_secs_f64() * 1e3 / steps as f64);
+        }
+    }
     pool.free_table(prefill).unwrap();
     for t in tables {
         pool.free_table(t).unwrap();

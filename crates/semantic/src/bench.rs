@@ -89,7 +89,7 @@ fn run_engine(home: &Path, a: BenchArgs) -> Result<()> {
         rss_loaded,
         rss0
     );
-    println!("threads: {}", rayon::current_num_threads());
+    println!("threads: {}", model.threads());
     let reps = if a.quick { 1 } else { 3 };
     let mut rows: Vec<(String, f64)> = Vec::new();
     for n in [512, 2048] {

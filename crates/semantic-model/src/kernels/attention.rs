@@ -45,7 +45,6 @@
 //! Checked against [`attend_scalar`] (plain two-loop softmax on the same
 //! inputs) in the tests.
 
-use rayon::prelude::*;
 use semantic_core::BlockId;
 use semantic_kv::KvPool;
 
@@ -164,7 +163,7 @@ fn paged_attention_on(
     let len = group * shape.head_dim;
     let simd = path != Path::Scalar;
     let bs = pool.layout().block_size;
-    let items = plan_items(seqs, shape, rayon::current_num_threads(), bs, simd);
+    let items = plan_items(seqs, shape, super::team::threads(), bs, simd);
     // Split items write unnormalized acc, then m and l, per part.
     let part_len = len + 2 * group;
     let n_parts = items.iter().filter(|i| i.part.is_some()).count();
@@ -203,11 +202,7 @@ fn paged_attention_on(
             attend_scalar(&q[off..off + len], o, &k, shape);
         }
     };
-    if items.len() >= 2 {
-        items.par_iter().with_max_len(1).for_each(run);
-    } else {
-        items.iter().for_each(run);
-    }
+    super::team::for_each(items.len(), |i| run(&items[i]));
     if n_parts > 0 {
         merge_parts(&items, seqs, &parts, out, shape);
     }
@@ -1103,6 +1098,7 @@ mod tests {
     #[test]
     fn simd_attention_equals_scalar_reference() {
         let mut seed = 3;
+        let team = crate::kernels::team::Team::new(2).unwrap();
         let cases = [
             (1, 1, 8, 4, 1),
             (9, 3, 64, 16, 1),
@@ -1152,9 +1148,15 @@ mod tests {
                 paths.push(Path::Avx2);
             }
             paths.dedup();
-            for path in paths {
+            // On one thread, and on a team, where long decodes split
+            // their keys across items.
+            for (path, team) in paths.into_iter().flat_map(|p| [(p, None), (p, Some(&team))]) {
                 out.fill(f32::NAN);
-                paged_attention_on(path, &q, &mut out, &pool, 1, &[seq], shape);
+                let mut run = || paged_attention_on(path, &q, &mut out, &pool, 1, &[seq], shape);
+                match team {
+                    Some(t) => t.install(run),
+                    None => run(),
+                }
                 check_against_scalar(&q, &out, &pool, table.blocks(), (n_heads, n_kv, hd, n_tok, n_new), shape, path);
             }
             pool.free_table(table).unwrap();

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod team;
 pub mod vmath;
 
 /// True when the AVX2 + FMA + F16C paths can run on this CPU.
@@ -25,10 +26,15 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// A raw pointer that may cross into rayon tasks. Each task writes a disjoint
+/// A raw pointer that may cross into team tasks. Each task writes a disjoint
 /// part of the buffer; the caller states that in a `SAFETY` comment.
-#[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
