@@ -220,10 +220,24 @@ mod tests {
         assert_eq!(&q[0].qs[..4], &[127, 3, -4, 1]);
         // Every SIMD variant this CPU has, on the ties above and on random rows.
         let mut rows = vec![x];
+        // Rows of 18 and 48 blocks (the 16-block path and its remainder),
+        // with a zero block, tiny values (subnormal f16 scales) and ties.
+        for len in [576, 1536] {
+            let mut r: Vec<f32> = (0..len).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 17.0).collect();
+            r[64..96].fill(0.0);
+            r[96..128].iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 16.0) * 1e-7);
+            r[160] = 127.0;
+            r[161] = 2.5;
+            r[162] = -3.5;
+            r[163] = 0.5;
+            r[200] = -127.0;
+            r[201] = 63.5;
+            rows.push(r);
+        }
         let mut seed = 5u64;
         for scale in [1e-3f32, 1.0, 300.0] {
             rows.push(
-                (0..320)
+                (0..1056)
                     .map(|_| {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
