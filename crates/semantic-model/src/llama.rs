@@ -383,11 +383,12 @@ impl LlamaModel {
 /// is one region whose tasks do all of its row ops, so a layer has five
 /// regions of row work, not ten, and the two threads share them.
 ///
-/// Run on the calling thread alone (they were 0.54 ms of a 3.8 ms 5-row
-/// decode step, `SEMANTIC_FORWARD_PROFILE`), as they had to be while
-/// rayon's fork/join cost more than they did, a 5-row decode step took
-/// 3.96 ms against 3.60 ms now, a 512-token prefill 162 ms against 149
-/// (interleaved medians of 5 `decode_steps` runs, with the team change).
+/// With rayon, whose fork/join cost more than these ops, a decode ran
+/// them on one thread, ten passes per layer: 0.54 ms of a 3.8 ms 5-row
+/// step (`SEMANTIC_FORWARD_PROFILE`). This way (with the team and the
+/// parallel K/V writes) a 5-row decode step went from 3.96 to 3.60 ms and
+/// a 512-token prefill from 162 to 149 ms (interleaved medians of 5
+/// `decode_steps` runs).
 fn row_chunk(n: usize) -> usize {
     const PARALLEL_FROM: usize = 32;
     if n < PARALLEL_FROM {

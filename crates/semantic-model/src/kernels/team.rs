@@ -8,8 +8,9 @@
 //! a decode step in `perf`), too much to split the row ops at all: with
 //! rayon, spreading them over both cores made a 5-row decode step slower
 //! (3.9 -> 4.3 ms). Here a region costs a store, a few atomic increments
-//! and a spin on one cache line; tasks are claimed from a shared counter,
-//! so a helper preempted by the OS holds back only the task it is in.
+//! and a spin on one cache line. Each thread runs a contiguous lane of the
+//! tasks and then steals from the others' lanes (see [`Job`]), so a helper
+//! preempted by the OS holds back only the task it is in.
 //!
 //! Use: [`Team::install`] makes a team current on the calling thread;
 //! kernels call [`for_each`], which runs on the current team, or on the
