@@ -622,9 +622,11 @@ pub(crate) mod avx2 {
     /// `stream` (one activation tile, so each weight byte is used once):
     /// a non-temporal hint, so the weights pass through without evicting
     /// what the step reuses (K/V, activations). Decode steps, interleaved
-    /// medians of 7 `decode_steps` runs: 5 rows 3.64 -> 3.53 ms, 3 rows
-    /// 3.08 -> 2.88, 1 row unchanged. Prefill tiles reuse each group once
-    /// per 8 rows and keep the T0 hint (NTA measured no better there).
+    /// `decode_steps` medians: 5 rows 3.64 -> 3.53 ms and 1 row unchanged
+    /// (7 runs each); on the rayon build before, 3 rows 3.08 -> 2.88 ms and
+    /// 5 rows 3.66 -> 3.61 (5 runs each). Prefill tiles reuse each group
+    /// once per 8 rows and keep the T0 hint (a 512-token prefill measured
+    /// 157 ms with T0 and 161 ms with NTA, 5 runs each).
     #[inline(always)]
     unsafe fn prefetch_ahead(blk: *const u8, gbb: usize, stream: bool) {
         let ahead = blk.wrapping_add(PREFETCH_BYTES) as *const i8;
