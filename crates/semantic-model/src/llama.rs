@@ -91,7 +91,15 @@ fn zeroed(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 impl LlamaModel {
+    /// Loads the model with one kernel thread per core this process may
+    /// use.
     pub fn load(g: &GgufFile) -> Result<Self> {
+        Self::load_with_threads(g, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+
+    /// Loads the model; its steps run on `threads` threads (the caller and
+    /// `threads - 1` helpers; at least 1).
+    pub fn load_with_threads(g: &GgufFile, threads: usize) -> Result<Self> {
         let config = ModelConfig::from_gguf(g)?;
         let (embed, tied) = match load_qmatrix(g, "token_embd.weight")? {
             Some(m) => {
@@ -103,8 +111,7 @@ impl LlamaModel {
         let output = if g.has_tensor("output.weight") { Linear::load(g, "output.weight")? } else { tied };
         let layers = (0..config.n_layers).map(|i| load_layer(g, i)).collect::<Result<Vec<_>>>()?;
         let rope = Rope::new(config.n_rot, config.rope_base, config.rope_neox);
-        let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let team = Team::new(n_threads).map_err(|e| ModelError::Plan(format!("cannot start kernel threads: {e}")))?;
+        let team = Team::new(threads).map_err(|e| ModelError::Plan(format!("cannot start kernel threads: {e}")))?;
         let model = Self {
             embed,
             layers,

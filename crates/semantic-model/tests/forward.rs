@@ -174,3 +174,29 @@ fn dump_logits() {
     dump("ours", &ours);
     dump("candle", &theirs);
 }
+
+/// One kernel thread or several: the same bits (every output is computed
+/// whole by one task; key ranges split only past 512 keys).
+#[test]
+fn thread_counts_give_identical_logits() {
+    let g = semantic_model::GgufFile::open(&common::model_path()).unwrap();
+    let tok = Tokenizer::from_gguf(g.content()).unwrap();
+    let tokens: Vec<u32> = PROMPTS.iter().flat_map(|p| tok.encode(p).unwrap()).collect();
+    let runs: Vec<Vec<Vec<f32>>> = [1, 2, 3]
+        .iter()
+        .map(|&n| {
+            let model = LlamaModel::load_with_threads(&g, n).unwrap();
+            assert_eq!(model.threads(), n);
+            let mut pool = KvPool::new(model.kv_layout(16), 64);
+            // A multi-row prefill chunk, then single-token steps.
+            let mut out = common::logits_in_chunks(&model, &mut pool, &tokens[..40], 20);
+            out.extend(common::logits_in_chunks(&model, &mut pool, &tokens, 1).into_iter().skip(40));
+            out
+        })
+        .collect();
+    for (n, run) in runs.iter().enumerate().skip(1) {
+        for (pos, (a, b)) in run.iter().zip(&runs[0]).enumerate() {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{} threads, position {pos}", n + 1);
+        }
+    }
+}

@@ -75,7 +75,7 @@ pub fn run(home: &Path, a: BenchArgs) -> Result<()> {
 fn run_engine(home: &Path, a: BenchArgs) -> Result<()> {
     let rss0 = rss_mib();
     let t = Instant::now();
-    let m = crate::generate::load_model(home, a.model.as_deref())?;
+    let m = crate::generate::load_model(home, a.model.as_deref(), None)?;
     let load_s = t.elapsed().as_secs_f64();
     let model = &m.model;
     let rss_loaded = rss_mib();

@@ -54,14 +54,18 @@ pub struct Loaded {
     pub template: ChatTemplate,
 }
 
-/// Opens `--model PATH` (errors name the file) or the default model.
-pub fn load_model(home: &Path, model: Option<&Path>) -> Result<Loaded> {
+/// Opens `--model PATH` (errors name the file) or the default model; with
+/// `threads`, its steps run on that many threads (default: every core).
+pub fn load_model(home: &Path, model: Option<&Path>, threads: Option<usize>) -> Result<Loaded> {
     let path = match model {
         Some(p) => p.to_owned(),
         None => crate::pull::ensure_default(home)?,
     };
     let gguf = GgufFile::open(&path)?;
-    let model = LlamaModel::load(&gguf)?;
+    let model = match threads {
+        Some(n) => LlamaModel::load_with_threads(&gguf, n)?,
+        None => LlamaModel::load(&gguf)?,
+    };
     let tokenizer = Tokenizer::from_gguf(gguf.content())?;
     let template = ChatTemplate::from_gguf(gguf.content(), &tokenizer)?;
     drop(gguf);
@@ -83,7 +87,7 @@ pub fn run(home: &Path, a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() {
         return Err(UsageError("`--prompt` must not be empty".into()).into());
     }
-    let m = load_model(home, a.model.as_deref())?;
+    let m = load_model(home, a.model.as_deref(), None)?;
     let text = if a.raw {
         a.prompt.clone()
     } else {

@@ -33,6 +33,9 @@ impl From<KvCodec> for semantic_engine::KvCodec {
     }
 }
 
+/// Most kernel threads `--threads` accepts.
+const MAX_THREADS: usize = 256;
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Any llama-family GGUF; default: SmolLM2-135M-Instruct, pulled if missing.
@@ -74,6 +77,10 @@ pub struct ServeArgs {
     /// step fills `--step-tokens`).
     #[arg(long, env = "SEMANTIC_MIXED_STEP_FACTOR", default_value_t = 2.0, value_parser = parse_factor)]
     mixed_step_factor: f64,
+    /// Threads that run the model (1 to 256; default: every core this
+    /// process may use).
+    #[arg(long, env = "SEMANTIC_THREADS")]
+    threads: Option<usize>,
     /// Sequences decoding at once.
     #[arg(long, env = "SEMANTIC_MAX_RUNNING", default_value_t = 16)]
     max_running: usize,
@@ -100,6 +107,9 @@ impl ServeArgs {
             if v == 0 {
                 return Err(UsageError(format!("`{flag}` must be at least 1")));
             }
+        }
+        if let Some(t) = self.threads.filter(|t| !(1..=MAX_THREADS).contains(t)) {
+            return Err(UsageError(format!("`--threads` must be between 1 and {MAX_THREADS}, got {t}")));
         }
         for key in [&self.api_key, &self.admin_key].into_iter().flatten() {
             if key.is_empty() {
@@ -217,18 +227,20 @@ async fn serve(home: PathBuf, model_path: PathBuf, args: ServeArgs) -> Result<()
 /// Loads the model, fingerprints it and starts the engine (which scans the
 /// cache directory for warm agents first).
 fn start_runtime(home: &Path, model_path: &Path, args: &ServeArgs) -> Result<Runtime> {
-    let m = crate::generate::load_model(home, Some(model_path))?;
+    let m = crate::generate::load_model(home, Some(model_path), args.threads)?;
     let fingerprint =
         ModelFingerprint::of_file(&m.path).with_context(|| format!("fingerprinting {}", m.path.display()))?;
     let cache_dir = args.cache_dir.clone().unwrap_or_else(|| home.join("kv"));
     let cfg = args.engine_config(cache_dir.clone(), fingerprint);
     let name = model_name(&m.path);
+    let threads = m.model.threads();
     let runtime = Runtime::start(m.model, m.tokenizer, m.template, name.clone(), cfg)
         .with_context(|| format!("starting the engine (cache dir {})", cache_dir.display()))?;
     tracing::info!(
         model = %name,
         fingerprint = %fingerprint,
         context = runtime.context_length,
+        threads,
         kv_pool_mb = args.kv_pool_mb,
         cache_dir = %cache_dir.display(),
         disk_budget_mb = args.disk_budget_mb,

@@ -85,6 +85,13 @@ fn bad_serve_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kv-pool-mb"));
 
+    for bad in ["0", "257", "-1", "many"] {
+        let flag = format!("--threads={bad}");
+        let out = serve(&[&flag, "--port", "0"], &[]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"), "{bad}");
+    }
+
     for bad in ["0.5", "1", "inf", "-2", "fast"] {
         let flag = format!("--mixed-step-factor={bad}");
         let out = serve(&[&flag, "--port", "0"], &[]).output().unwrap();
