@@ -266,10 +266,11 @@ fn groups_kernel(
             #[cfg(target_arch = "x86_64")]
             if let Some(dot) = path {
                 let wg = &w.data[g * gbytes..(g + 1) * gbytes];
+                let tile = avx2::Tile { ty: w.ty, w: wg, x: &x[b0 * nb..(b0 + t) * nb], nb, t, stream };
                 // SAFETY: `dot` came from feature detection (or a test that
                 // checked it); `wg` holds nb group blocks and rows b0..b0+t
                 // of `x` hold nb blocks each.
-                unsafe { avx2::group_tile(dot, w.ty, wg, &x[b0 * nb..(b0 + t) * nb], nb, t, &mut res, stream) };
+                unsafe { avx2::group_tile(dot, tile, &mut res) };
             }
             if path.is_none() {
                 for lane in 0..live {
@@ -349,22 +350,26 @@ pub(crate) mod avx2 {
     const AVXVNNI: u8 = 1;
     const AVX512VNNI: u8 = 2;
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn group_tile(
-        dot: Dot,
-        ty: QType,
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        t: usize,
-        out: &mut [[f32; GROUP]; TILE],
-        stream: bool,
-    ) {
+    /// One group of weight rows against `t` activation rows.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Tile<'a> {
+        pub ty: QType,
+        /// The group's `nb` blocks.
+        pub w: &'a [u8],
+        /// `t` rows of `nb` blocks.
+        pub x: &'a [BlockQ8A],
+        pub nb: usize,
+        pub t: usize,
+        /// Each weight byte is used once: prefetch it non-temporally.
+        pub stream: bool,
+    }
+
+    pub(crate) unsafe fn group_tile(dot: Dot, tile: Tile<'_>, out: &mut [[f32; GROUP]; TILE]) {
         match dot {
-            Dot::Avx2 => tile_avx2(ty, w, x, nb, t, out, stream),
-            Dot::AvxVnni => tile_avxvnni(ty, w, x, nb, t, out, stream),
-            Dot::Avx512Vnni => tile_avx512vnni(ty, w, x, nb, t, out, stream),
-            Dot::Avx512 => tile_avx512(ty, w, x, nb, t, out, stream),
+            Dot::Avx2 => tile_avx2(tile, out),
+            Dot::AvxVnni => tile_avxvnni(tile, out),
+            Dot::Avx512Vnni => tile_avx512vnni(tile, out),
+            Dot::Avx512 => tile_avx512(tile, out),
         }
     }
 
@@ -372,15 +377,8 @@ pub(crate) mod avx2 {
     /// Inlined into each `tile_*` wrapper so it compiles with that wrapper's
     /// target features.
     #[inline(always)]
-    unsafe fn dispatch<const V: u8>(
-        ty: QType,
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        t: usize,
-        out: &mut [[f32; GROUP]; TILE],
-        stream: bool,
-    ) {
+    unsafe fn dispatch<const V: u8>(tile: Tile<'_>, out: &mut [[f32; GROUP]; TILE]) {
+        let Tile { ty, w, x, nb, t, stream } = tile;
         match (ty, t) {
             (QType::Q4_1, 1) => {
                 group_q4::<1, V, true>(w, x, nb, out, 0, stream);
@@ -482,15 +480,8 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,fma,f16c")]
-    unsafe fn tile_avx512(
-        ty: QType,
-        w: &[u8],
-        x: &[BlockQ8A],
-        nb: usize,
-        t: usize,
-        out: &mut [[f32; GROUP]; TILE],
-        stream: bool,
-    ) {
+    unsafe fn tile_avx512(tile: Tile<'_>, out: &mut [[f32; GROUP]; TILE]) {
+        let Tile { ty, w, x, nb, t, stream } = tile;
         match (ty, t) {
             (QType::Q4_1, 1) => group_q4_512::<1, true>(w, x, nb, out, stream),
             (QType::Q4_1, 2) => group_q4_512::<2, true>(w, x, nb, out, stream),
@@ -649,16 +640,8 @@ pub(crate) mod avx2 {
     macro_rules! tile_fn {
         ($name:ident, $features:literal, $v:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name(
-                ty: QType,
-                w: &[u8],
-                x: &[BlockQ8A],
-                nb: usize,
-                t: usize,
-                out: &mut [[f32; GROUP]; TILE],
-                stream: bool,
-            ) {
-                dispatch::<{ $v }>(ty, w, x, nb, t, out, stream)
+            unsafe fn $name(tile: Tile<'_>, out: &mut [[f32; GROUP]; TILE]) {
+                dispatch::<{ $v }>(tile, out)
             }
         };
     }
