@@ -2,7 +2,8 @@
 //! runs STEPS batched decode steps of B sequences at CTX tokens of context;
 //! with CHUNK, each step also prefills CHUNK tokens of another sequence at
 //! position AT (a mixed step, as when an agent prefills beside decodes).
-//! With `SEMANTIC_FORWARD_PROFILE=1`, it also prints the time per phase.
+//! With `SEMANTIC_FORWARD_PROFILE=1`, it also prints the time per phase;
+//! `THREADS=N` sets the kernel threads (default: every core).
 
 use semantic_core::{LogitsWanted, SeqStep, StepPlan};
 use semantic_kv::{BlockTable, KvPool};
@@ -11,7 +12,11 @@ use semantic_model::{GgufFile, LlamaModel};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
-    let model = LlamaModel::load(&GgufFile::open(args[1].as_ref()).unwrap()).unwrap();
+    let gguf = GgufFile::open(args[1].as_ref()).unwrap();
+    let model = match std::env::var("THREADS").ok().and_then(|t| t.parse().ok()) {
+        Some(n) => LlamaModel::load_with_threads(&gguf, n).unwrap(),
+        None => LlamaModel::load(&gguf).unwrap(),
+    };
     let (b, ctx, steps, chunk, at) = (arg(2, 5), arg(3, 128), arg(4, 200), arg(5, 0), arg(6, 0));
     let layout = model.kv_layout(16);
     let fresh = std::env::var_os("FRESH").is_some();
