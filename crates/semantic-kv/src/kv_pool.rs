@@ -176,17 +176,13 @@ impl KvPool {
         Ok(())
     }
 
-    fn run_offset(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> usize {
-        self.layout.run_offset(block, layer, kv, head)
-    }
-
     /// The `block_size * head_dim` keys (kv = 0) or values (kv = 1) of one
     /// head in one block. Values are slot major (`[slot][d]`, what the
     /// weighted sum reads); keys are dimension major (`[d][slot]`), so
     /// attention computes a vector of scores per multiply-add with no
     /// horizontal sums.
     pub fn run(&self, block: BlockId, layer: usize, kv: usize, head: usize) -> &[f16] {
-        let off = self.run_offset(block, layer, kv, head);
+        let off = self.layout.run_offset(block, layer, kv, head);
         &self.data[off..off + self.layout.run_elems()]
     }
 
@@ -238,7 +234,7 @@ impl KvPool {
         let (dim, bs) = (self.layout.head_dim, self.layout.block_size);
         assert_eq!(src.len() % dim, 0, "source length is not whole tokens");
         for (pos, n, at) in self.block_spans(first..first + src.len() / dim) {
-            let off = self.run_offset(table[pos / bs], layer, kv, head);
+            let off = self.layout.run_offset(table[pos / bs], layer, kv, head);
             let run = &mut self.data[off..off + self.layout.run_elems()];
             let rows = &src[at * dim..(at + n) * dim];
             if kv == 0 {
