@@ -83,9 +83,12 @@ struct Scratch {
     hq: Vec<BlockQ8A>,
 }
 
-/// `buf` as `n` zeros, reusing its allocation.
-fn zeroed(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    buf.clear();
+/// `buf` as `n` values, reusing its allocation. What the last step left
+/// stays: every buffer of a step is written whole before it is read (the
+/// model tests pass with the buffers filled with NaN each step), so zeroing
+/// them was wasted: a 512-token prefill 147 -> 144 ms (medians of 5,
+/// interleaved `decode_steps`); decode steps unchanged.
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     buf.resize(n, 0.0);
     buf
 }
@@ -225,7 +228,7 @@ impl LlamaModel {
 
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let Scratch { x, h, qkv, q, att, proj, gu, act, hq } = &mut *guard;
-        let x = zeroed(x, n * dim);
+        let x = sized(x, n * dim);
         let mut angles = Vec::with_capacity(n * self.rope.n_freqs());
         let mut attn_seqs = Vec::with_capacity(plan.seqs.len());
         // (sequence, position) of every row.
@@ -248,13 +251,13 @@ impl LlamaModel {
         let shape =
             AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
 
-        let h = zeroed(h, n * dim);
-        let qkv = zeroed(qkv, n * qkv_w);
-        let q = zeroed(q, n * q_w);
-        let att = zeroed(att, n * q_w);
-        let proj = zeroed(proj, n * dim);
-        let gu = zeroed(gu, n * 2 * c.ff_dim);
-        let act = zeroed(act, n * c.ff_dim);
+        let h = sized(h, n * dim);
+        let qkv = sized(qkv, n * qkv_w);
+        let q = sized(q, n * q_w);
+        let att = sized(att, n * q_w);
+        let proj = sized(proj, n * dim);
+        let gu = sized(gu, n * 2 * c.ff_dim);
+        let act = sized(act, n * c.ff_dim);
         hq.resize(n * dim.max(q_w).max(c.ff_dim) / QK, BlockQ8A::ZERO);
         let rows = row_chunk(n);
         let eps = c.rms_eps;
