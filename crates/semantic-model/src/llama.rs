@@ -394,7 +394,7 @@ impl LlamaModel {
 /// regions of row work, not ten, and the two threads share them.
 ///
 /// With rayon, whose fork/join cost more than these ops, a decode ran
-/// them on one thread, ten passes per layer: 0.54 ms of a 3.8 ms 5-row
+/// them on one thread, ten passes per layer: 0.54 ms of a 4.0 ms 5-row
 /// step (`SEMANTIC_FORWARD_PROFILE`). This way (with the team and the
 /// parallel K/V writes) a 5-row decode step went from 3.96 to 3.60 ms and
 /// a 512-token prefill from 162 to 149 ms (interleaved medians of 5
