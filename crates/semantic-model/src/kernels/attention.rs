@@ -71,8 +71,9 @@ pub struct AttnShape {
 }
 
 /// One work item: a tile of new tokens of one sequence and one kv head, over
-/// keys `k0..` up to each token's causal limit; `part` is its slot in the
-/// split-results buffer when the key range is split.
+/// keys `k0..k1`; `part` is the first of its `nt` slots in the
+/// split-results buffer when the tile's key range is split. Only the last
+/// part of a split tile holds keys past its first token's causal limit.
 #[derive(Clone, Copy, Debug)]
 struct Item {
     seq: usize,
@@ -84,32 +85,56 @@ struct Item {
     part: Option<usize>,
 }
 
-/// Keys per split when a step has too few work items to keep every thread
-/// busy (decode of one sequence has only `n_kv_heads` items).
+/// Fewest keys in one part of a split key range.
 pub const SPLIT_KEYS: usize = 256;
 
+/// Relative cost of a tile of `nt` queries over `keys` keys: reading the
+/// keys (once per tile) plus scoring them per query.
+fn tile_cost(nt: usize, keys: usize) -> usize {
+    keys * (1 + nt)
+}
+
+/// Work items of a step. With `split`, key ranges are split where a tile
+/// would hold the threads back:
+/// - a decode step with too few items to keep every thread busy (one
+///   sequence has only `n_kv_heads`) splits each long range into parts;
+/// - a tile that costs more than a quarter of the step's attention on two
+///   threads (a prefill chunk deep in its context beside short decodes)
+///   splits so that the lanes can balance. Before, a 2-token chunk at
+///   position 1500 beside one decode was 3 long items: one thread ran two.
 fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, bs: usize, split: bool) -> Vec<Item> {
-    let base: usize = seqs.iter().map(|s| s.n_new.div_ceil(QUERY_TILE)).sum::<usize>() * shape.n_kv_heads;
+    let tiles = || {
+        seqs.iter().enumerate().flat_map(|(si, s)| {
+            (0..s.n_new).step_by(QUERY_TILE).map(move |t0| (si, t0, (s.n_new - t0).min(QUERY_TILE)))
+        })
+    };
+    let base = tiles().count() * shape.n_kv_heads;
+    let total: usize = tiles().map(|(si, t0, nt)| tile_cost(nt, seqs[si].start_pos + t0 + nt)).sum();
+    let share = (total * shape.n_kv_heads / (2 * threads)).max(1);
     let mut items = Vec::new();
-    let mut parts = 0;
-    for (si, s) in seqs.iter().enumerate() {
-        for t0 in (0..s.n_new).step_by(QUERY_TILE) {
-            let nt = (s.n_new - t0).min(QUERY_TILE);
-            let n_keys = s.start_pos + t0 + nt;
-            // Split single-token items of long sequences when items are few.
-            let want = if split && nt == 1 && base < 2 * threads { (4 * threads).div_ceil(base) } else { 1 };
-            let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
-            let span = n_keys.div_ceil(n_split).next_multiple_of(bs);
-            for g in 0..shape.n_kv_heads {
-                if n_split == 1 {
-                    items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None });
-                    continue;
-                }
-                for k0 in (0..n_keys).step_by(span) {
-                    let k1 = (k0 + span).min(n_keys);
-                    items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(parts) });
-                    parts += 1;
-                }
+    let mut slots = 0;
+    for (si, t0, nt) in tiles() {
+        let s = &seqs[si];
+        let n_keys = s.start_pos + t0 + nt;
+        let few = if nt == 1 && base < 2 * threads { (4 * threads).div_ceil(base) } else { 1 };
+        let dear = if threads > 1 { tile_cost(nt, n_keys).div_ceil(share) } else { 1 };
+        let want = if split { few.max(dear) } else { 1 };
+        // Every part but the last ends at or before the first query's
+        // causal limit, so all the tile's queries see all of its keys.
+        let visible = (n_keys + 1 - nt) / bs * bs;
+        let n_split = want.min(visible / SPLIT_KEYS).max(1);
+        let span = visible.div_ceil(n_split).next_multiple_of(bs);
+        for g in 0..shape.n_kv_heads {
+            if n_split == 1 {
+                items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None });
+                continue;
+            }
+            let mut k0 = 0;
+            while k0 < n_keys {
+                let k1 = if k0 + span >= visible { n_keys } else { k0 + span };
+                items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(slots) });
+                slots += nt;
+                k0 = k1;
             }
         }
     }
@@ -163,10 +188,14 @@ fn paged_attention_on(
     let len = group * shape.head_dim;
     let simd = path != Path::Scalar;
     let bs = pool.layout().block_size;
-    let items = plan_items(seqs, shape, super::team::threads(), bs, simd);
-    // Split items write unnormalized acc, then m and l, per part.
+    #[cfg(target_arch = "x86_64")]
+    let split = simd && simd::tiles_supported(shape.head_dim, bs, group);
+    #[cfg(not(target_arch = "x86_64"))]
+    let split = false;
+    let items = plan_items(seqs, shape, super::team::threads(), bs, split);
+    // Split items write, per query, its unnormalized acc, then m and l.
     let part_len = len + 2 * group;
-    let n_parts = items.iter().filter(|i| i.part.is_some()).count();
+    let n_parts: usize = items.iter().filter(|i| i.part.is_some()).map(|i| i.nt).sum();
     let mut parts = vec![0f32; n_parts * part_len];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let parts_ptr = SendPtr(parts.as_mut_ptr());
@@ -175,18 +204,28 @@ fn paged_attention_on(
     let run = |it: &Item, next: Option<&Item>| {
         let s = &seqs[it.seq];
         let then = next.map(|n| (&seqs[n.seq].block_table[n.k0 / bs..], n.kv_head));
-        let keys =
-            Keys { pool, layer, kv_head: it.kv_head, table: s.block_table, first_key: it.k0, n_keys: it.k1, then };
+        let causal = it.k1 == s.start_pos + it.t0 + it.nt;
+        let keys = Keys {
+            pool,
+            layer,
+            kv_head: it.kv_head,
+            table: s.block_table,
+            first_key: it.k0,
+            n_keys: it.k1,
+            causal,
+            then,
+        };
         let rows: Vec<usize> = (0..it.nt).map(|t| (s.first_row + it.t0 + t) * width + it.kv_head * len).collect();
         #[cfg(target_arch = "x86_64")]
         if simd {
             let tile = QueryTile { q, rows: &rows, len };
             if let Some(p) = it.part {
                 // SAFETY: each part slot belongs to exactly one item.
-                let slot = unsafe { std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), part_len) };
-                let (acc, ml) = slot.split_at_mut(len);
+                let slots =
+                    unsafe { std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), it.nt * part_len) };
+                let (accs, ml) = slots.split_at_mut(it.nt * len);
                 // SAFETY: AVX2/FMA/F16C checked by simd_available().
-                unsafe { attend_tile(&tile, vec![acc], &keys, shape, Some(ml)) };
+                unsafe { attend_tile(&tile, accs.chunks_exact_mut(len).collect(), &keys, shape, Some(ml)) };
             } else {
                 let outs = rows.iter().map(|&off| {
                     // SAFETY: each (token, kv head) owns a disjoint range of `out`.
@@ -218,6 +257,8 @@ type TileFn = unsafe fn(&QueryTile<'_>, Vec<&mut [f32]>, &Keys<'_>, AttnShape, O
 
 /// Combines the split results of each (token, kv head):
 /// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
+/// A part's slots are its tile's queries in order: accs `[nt][len]`, then
+/// `m` and `l` of each query (`[nt][2 * group]`).
 fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f32], shape: AttnShape) {
     let hd = shape.head_dim;
     let group = shape.n_heads / shape.n_kv_heads;
@@ -226,7 +267,7 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
     let part_len = len + 2 * group;
     let mut i = 0;
     while i < items.len() {
-        let Some(p0) = items[i].part else {
+        let Some(_) = items[i].part else {
             i += 1;
             continue;
         };
@@ -235,24 +276,34 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
             .iter()
             .take_while(|x| x.part.is_some() && x.seq == it.seq && x.t0 == it.t0 && x.kv_head == it.kv_head)
             .count();
-        let off = (seqs[it.seq].first_row + it.t0) * width + it.kv_head * len;
-        let o = &mut out[off..off + len];
-        for h in 0..group {
-            let slot = |k: usize| &parts[(p0 + k) * part_len..(p0 + k + 1) * part_len];
-            let m = (0..n).map(|k| slot(k)[len + h]).fold(f32::NEG_INFINITY, f32::max);
-            let mut l = 0f32;
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for k in 0..n {
-                let sl = slot(k);
-                let w = (sl[len + h] - m).exp();
-                l += sl[len + group + h] * w;
-                for (d, v) in oh.iter_mut().zip(&sl[h * hd..(h + 1) * hd]) {
-                    *d += v * w;
+        let nt = it.nt;
+        for t in 0..nt {
+            let off = (seqs[it.seq].first_row + it.t0 + t) * width + it.kv_head * len;
+            let o = &mut out[off..off + len];
+            // Query t of part k: its acc and its (m, l).
+            let acc = |k: usize| {
+                let p = items[i + k].part.expect("split part") * part_len;
+                &parts[p + t * len..p + (t + 1) * len]
+            };
+            let ml = |k: usize| {
+                let p = items[i + k].part.expect("split part") * part_len + nt * len + t * 2 * group;
+                &parts[p..p + 2 * group]
+            };
+            for h in 0..group {
+                let m = (0..n).map(|k| ml(k)[h]).fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f32;
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for k in 0..n {
+                    let w = (ml(k)[h] - m).exp();
+                    l += ml(k)[group + h] * w;
+                    for (d, v) in oh.iter_mut().zip(&acc(k)[h * hd..(h + 1) * hd]) {
+                        *d += v * w;
+                    }
                 }
-            }
-            for d in oh.iter_mut() {
-                *d /= l;
+                for d in oh.iter_mut() {
+                    *d /= l;
+                }
             }
         }
         i += n;
@@ -281,6 +332,10 @@ pub struct Keys<'a> {
     pub first_key: usize,
     /// End of the key range (for a tile: the last token's causal limit).
     pub n_keys: usize,
+    /// Whether `n_keys` is the tile's causal limit, so that token `t` of
+    /// `nt` sees keys below `n_keys - (nt - 1 - t)`; else (an early part
+    /// of a split range) every token sees the whole range.
+    pub causal: bool,
     /// Blocks and kv head of the work item this thread runs next, from its
     /// first key: the last span prefetches them (see `attend_spans`).
     pub then: Option<(&'a [BlockId], usize)>,
@@ -934,6 +989,12 @@ mod simd {
         attend_spans::<Avx512>(tile, outs, keys, shape, kbuf, vbuf, partial)
     }
 
+    /// Whether the SIMD tiles take this shape (else each query runs the
+    /// scalar reference, and key ranges are not split).
+    pub(super) fn tiles_supported(hd: usize, bs: usize, group: usize) -> bool {
+        hd.is_multiple_of(8) && hd <= MAX_HD && bs <= SPAN && group <= MAX_GROUP
+    }
+
     unsafe fn with_scratch(
         tile: &QueryTile<'_>,
         mut outs: Vec<&mut [f32]>,
@@ -946,7 +1007,7 @@ mod simd {
         let bs = keys.pool.layout().block_size;
         let nt = tile.rows.len();
         let group = tile.len / hd;
-        if !hd.is_multiple_of(8) || hd > MAX_HD || bs > SPAN || group > MAX_GROUP {
+        if !tiles_supported(hd, bs, group) {
             debug_assert!(partial.is_none() && keys.first_key == 0, "split items need the SIMD path");
             for (t, o) in outs.iter_mut().enumerate() {
                 let k = Keys { n_keys: keys.n_keys - (nt - 1 - t), ..*keys };
@@ -1041,7 +1102,7 @@ mod simd {
                 }
             }
             for (t, o) in outs.iter_mut().enumerate() {
-                let limit = keys.n_keys - (nt - 1 - t);
+                let limit = if keys.causal { keys.n_keys - (nt - 1 - t) } else { keys.n_keys };
                 if first >= limit {
                     continue;
                 }
@@ -1075,8 +1136,10 @@ mod simd {
             first += n;
         }
         if let Some(ml) = partial {
-            ml[..group].copy_from_slice(&m[0][..group]);
-            ml[group..2 * group].copy_from_slice(&l[0][..group]);
+            for (t, mlt) in ml.chunks_exact_mut(2 * group).take(nt).enumerate() {
+                mlt[..group].copy_from_slice(&m[t][..group]);
+                mlt[group..].copy_from_slice(&l[t][..group]);
+            }
             return;
         }
         for (t, o) in outs.iter_mut().enumerate() {
@@ -1110,6 +1173,90 @@ mod tests {
         let prefill = AttnSeq { n_new: 40, start_pos: 0, ..decode };
         assert!(plan_items(&[prefill], shape, 2, 16, true).iter().all(|i| i.part.is_none()));
         assert!(plan_items(&[decode], shape, 2, 16, false).iter().all(|i| i.part.is_none()));
+    }
+
+    #[test]
+    fn deep_chunks_beside_decodes_split_at_visible_keys() {
+        let table: Vec<BlockId> = (0..128).map(BlockId).collect();
+        let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125 };
+        let decode = AttnSeq { block_table: &table, start_pos: 199, n_new: 1, first_row: 0 };
+        for nt in [2, 5, 16] {
+            let chunk = AttnSeq { block_table: &table, start_pos: 1500, n_new: nt, first_row: 1 };
+            let items = plan_items(&[decode, chunk], shape, 2, 16, true);
+            let parts: Vec<&Item> = items.iter().filter(|i| i.seq == 1).collect();
+            assert!(parts.len() > 3, "nt={nt}: the chunk's 3 items split");
+            for it in &parts {
+                assert_eq!(it.k0 % 16, 0);
+                // Early parts end where every query of the tile sees all keys.
+                assert!(it.k1 == 1500 + nt || it.k1 < 1500 + 1, "nt={nt}: {it:?}");
+            }
+            // The short decode is not split; a lone thread splits nothing.
+            assert!(items.iter().filter(|i| i.seq == 0).all(|i| i.part.is_none()));
+            assert!(plan_items(&[decode, chunk], shape, 1, 16, true).iter().all(|i| i.part.is_none()));
+        }
+    }
+
+    #[test]
+    fn split_chunks_equal_scalar_reference() {
+        let mut seed = 5;
+        let team = crate::kernels::team::Team::new(2).unwrap();
+        let (n_heads, n_kv, hd, bs) = (9, 3, 64, 16);
+        let layout = KvLayout { n_layers: 2, n_kv_heads: n_kv, head_dim: hd, block_size: bs };
+        let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: hd, scale: 0.125 };
+        for (path, nt) in [(Path::best(hd), 2), (Path::best(hd), 7), (Path::Avx2, 3)] {
+            #[cfg(target_arch = "x86_64")]
+            if path == Path::Avx2 && !crate::kernels::simd_available() {
+                continue;
+            }
+            // A short decode and a chunk of `nt` tokens at position 1300.
+            let lens = [120, 1300 + nt];
+            let mut pool = KvPool::new(layout, lens.iter().map(|l| l / bs + 1).sum::<usize>() + 2);
+            let mut tables = Vec::new();
+            for &n in &lens {
+                let mut t = BlockTable::default();
+                assert!(pool.ensure_capacity(&mut t, n));
+                for pos in 0..n {
+                    let k: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed) * 3.0).collect();
+                    let v: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed)).collect();
+                    pool.write_token(t.blocks(), 1, pos, &k, &v);
+                }
+                tables.push(t);
+            }
+            let seqs = [
+                AttnSeq { block_table: tables[0].blocks(), start_pos: lens[0] - 1, n_new: 1, first_row: 0 },
+                AttnSeq { block_table: tables[1].blocks(), start_pos: 1300, n_new: nt, first_row: 1 },
+            ];
+            assert!(plan_items(&seqs, shape, 2, bs, true).iter().any(|i| i.part.is_some()));
+            let width = n_heads * hd;
+            let q: Vec<f32> = (0..(1 + nt) * width).map(|_| lcg(&mut seed)).collect();
+            let mut out = vec![f32::NAN; q.len()];
+            team.install(|| paged_attention_on(path, &q, &mut out, &pool, 1, &seqs, shape));
+            let len = hd * n_heads / n_kv;
+            for (row, (si, n_keys)) in [(0, lens[0])].into_iter().chain((0..nt).map(|t| (1, 1301 + t))).enumerate() {
+                for g in 0..n_kv {
+                    let off = row * width + g * len;
+                    let table = tables[si].blocks();
+                    let keys = Keys {
+                        first_key: 0,
+                        pool: &pool,
+                        layer: 1,
+                        kv_head: g,
+                        table,
+                        n_keys,
+                        causal: true,
+                        then: None,
+                    };
+                    let mut want = vec![0f32; len];
+                    attend_scalar(&q[off..off + len], &mut want, &keys, shape);
+                    for (a, b) in out[off..off + len].iter().zip(&want) {
+                        assert!((a - b).abs() < 1e-4, "{path:?} nt={nt} row {row}: {a} vs {b}");
+                    }
+                }
+            }
+            for t in tables {
+                pool.free_table(t).unwrap();
+            }
+        }
     }
 
     #[test]
@@ -1196,7 +1343,7 @@ mod tests {
             for g in 0..n_kv {
                 let off = t * n_heads * hd + g * len;
                 let n_keys = n_tok - n_new + t + 1;
-                let keys = Keys { first_key: 0, pool, layer: 1, kv_head: g, table, n_keys, then: None };
+                let keys = Keys { first_key: 0, pool, layer: 1, kv_head: g, table, n_keys, causal: true, then: None };
                 let mut want = vec![0f32; len];
                 attend_scalar(&q[off..off + len], &mut want, &keys, shape);
                 let bs = pool.layout().block_size;
