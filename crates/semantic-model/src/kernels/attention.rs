@@ -1497,6 +1497,10 @@ mod tests {
             (10, 2, 64, 16, 40),
             (8, 4, 64, 16, 600),
             (10, 2, 64, 16, 1000),
+            // A tile starting at an odd position (95): in its last span a
+            // query pair sees 32 and 33 keys, so the first query's weight
+            // for key 32 lies past its own scores (stale unless cleared).
+            (9, 3, 64, 16, 100),
             // head_dim 64 off the direct path (8-slot blocks).
             (9, 3, 64, 8, 45),
             // Decode of long sequences: key ranges split across items.
