@@ -215,6 +215,14 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
         }
         engine.step();
         engine.pump();
+        // The step's token events have just woken the HTTP thread, and both
+        // cores are busy (this thread and a spinning kernel helper): offer
+        // this core so the events go out now rather than at the scheduler's
+        // next tick. Inter-token latency of a decoding agent while another
+        // prefills 2K tokens, p99 over p50 alone: 2.48-2.88x -> 1.96-2.10x
+        // (3 interleaved rounds of 2 repetitions); batched throughput
+        // unchanged (3 rounds of the 1-8 agent sweep).
+        std::thread::yield_now();
     }
 }
 
