@@ -649,17 +649,7 @@ mod simd {
             out: &mut [[f32; SPAN]],
             maxes: &mut [f32],
         ) {
-            let mut h = 0;
-            while h < out.len() {
-                let take = (out.len() - h).min(3);
-                let (o, mx, qh) = (&mut out[h..h + take], &mut maxes[h..h + take], &q[h * 64..(h + take) * 64]);
-                match take {
-                    3 => scores_heads_f16::<3>(qh, k, next, n, scale, o, mx),
-                    2 => scores_heads_f16::<2>(qh, k, next, n, scale, o, mx),
-                    _ => scores_heads_f16::<1>(qh, k, next, n, scale, o, mx),
-                }
-                h += take;
-            }
+            scores_direct_q::<1>([q], k, next, [n], scale, [out], [maxes])
         }
 
         #[inline(always)]
@@ -671,17 +661,7 @@ mod simd {
             v: &[*const f16; 4],
             next: &[*const f16; 4],
         ) {
-            let mut h = 0;
-            while h < c.len() {
-                let take = (c.len() - h).min(3);
-                let a = &mut acc[h * 64..(h + take) * 64];
-                match take {
-                    3 => weighted_heads_f16::<3>(a, &c[h..h + 3], &p[h..h + 3], n, v, next),
-                    2 => weighted_heads_f16::<2>(a, &c[h..h + 2], &p[h..h + 2], n, v, next),
-                    _ => weighted_heads_f16::<1>(a, &c[h..h + 1], &p[h..h + 1], n, v, next),
-                }
-                h += take;
-            }
+            weighted_direct_q::<1>([acc], [c], [p], n, v, next)
         }
 
         #[inline(always)]
@@ -694,21 +674,7 @@ mod simd {
             out: [&mut [[f32; SPAN]]; 2],
             maxes: [&mut [f32]; 2],
         ) {
-            let [o0, o1] = out;
-            let [m0, m1] = maxes;
-            let mut h = 0;
-            while h < o0.len() {
-                let take = (o0.len() - h).min(3);
-                let r = h..h + take;
-                let qh = [&q[0][h * 64..(h + take) * 64], &q[1][h * 64..(h + take) * 64]];
-                let (o, mx) = ([&mut o0[r.clone()], &mut o1[r.clone()]], [&mut m0[r.clone()], &mut m1[r]]);
-                match take {
-                    3 => scores_heads2_f16::<3>(qh, k, next, n, scale, o, mx),
-                    2 => scores_heads2_f16::<2>(qh, k, next, n, scale, o, mx),
-                    _ => scores_heads2_f16::<1>(qh, k, next, n, scale, o, mx),
-                }
-                h += take;
-            }
+            scores_direct_q::<2>(q, k, next, n, scale, out, maxes)
         }
 
         #[inline(always)]
@@ -720,20 +686,7 @@ mod simd {
             v: &[*const f16; 4],
             next: &[*const f16; 4],
         ) {
-            let [a0, a1] = acc;
-            let mut h = 0;
-            while h < c[0].len() {
-                let take = (c[0].len() - h).min(3);
-                let r = h..h + take;
-                let a = [&mut a0[h * 64..(h + take) * 64], &mut a1[h * 64..(h + take) * 64]];
-                let (cc, pp) = ([&c[0][r.clone()], &c[1][r.clone()]], [&p[0][r.clone()], &p[1][r]]);
-                match take {
-                    3 => weighted_heads2_f16::<3>(a, cc, pp, n, v, next),
-                    2 => weighted_heads2_f16::<2>(a, cc, pp, n, v, next),
-                    _ => weighted_heads2_f16::<1>(a, cc, pp, n, v, next),
-                }
-                h += take;
-            }
+            weighted_direct_q::<2>(acc, c, p, n, v, next)
         }
 
         #[inline(always)]
@@ -908,104 +861,67 @@ mod simd {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
-    /// [`scores_heads`] for `G` heads at head_dim 64, the keys read from
-    /// the pool's f16 runs (`[64][16]` each, 4 per span).
+    /// [`scores_heads`] for `G` heads of `Q` queries at head_dim 64, the
+    /// keys read from the pool's f16 runs (`[64][16]` each, 4 per span):
+    /// each key vector is loaded and converted once for all of them (two
+    /// queries x 3 heads x 4 accumulators fill the 32 registers).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn scores_heads_f16<const G: usize>(
-        q: &[f32],
+    unsafe fn scores_heads_f16<const G: usize, const Q: usize>(
+        q: [&[f32]; Q],
         k: &[*const f16; 4],
         next: &[*const f16; 4],
-        n: usize,
+        n: [usize; Q],
         scale: f32,
-        out: &mut [[f32; SPAN]],
-        maxes: &mut [f32],
+        out: [&mut [[f32; SPAN]]; Q],
+        maxes: [&mut [f32]; Q],
     ) {
-        let mut a = [[_mm512_setzero_ps(); 4]; G];
-        for d in 0..64 {
-            prefetch_paced(next, d);
-            let kd: [__m512; 4] = std::array::from_fn(|c| load_f16x16(k[c].add(16 * d)));
-            for (g, ag) in a.iter_mut().enumerate() {
-                let qv = _mm512_set1_ps(*q.get_unchecked(g * 64 + d));
-                for c in 0..4 {
-                    ag[c] = _mm512_fmadd_ps(qv, kd[c], ag[c]);
-                }
-            }
-        }
-        store_scores::<G>(&a, n, scale, out, maxes);
-    }
-
-    /// Scaled scores of `G` heads (`n` valid keys, -inf after) and their
-    /// maxima, from the raw dot products of a span.
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn store_scores<const G: usize>(
-        a: &[[__m512; 4]; G],
-        n: usize,
-        scale: f32,
-        out: &mut [[f32; SPAN]],
-        maxes: &mut [f32],
-    ) {
-        let sv = _mm512_set1_ps(scale);
-        for g in 0..G {
-            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-            for c in 0..n.div_ceil(16) {
-                let mut sc = _mm512_mul_ps(a[g][c], sv);
-                if 16 * c + 16 > n {
-                    let keep = ((1u32 << (n - 16 * c)) - 1) as __mmask16;
-                    sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), sc);
-                }
-                _mm512_storeu_ps(out[g].as_mut_ptr().add(16 * c), sc);
-                vmax = _mm512_max_ps(vmax, sc);
-            }
-            maxes[g] = _mm512_reduce_max_ps(vmax);
-        }
-    }
-
-    /// [`scores_heads_f16`] for two queries: each key vector is loaded and
-    /// converted once for both (2 x `G` x 4 accumulators).
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn scores_heads2_f16<const G: usize>(
-        q: [&[f32]; 2],
-        k: &[*const f16; 4],
-        next: &[*const f16; 4],
-        n: [usize; 2],
-        scale: f32,
-        out: [&mut [[f32; SPAN]]; 2],
-        maxes: [&mut [f32]; 2],
-    ) {
-        let mut a = [[[_mm512_setzero_ps(); 4]; G]; 2];
+        let mut a = [[[_mm512_setzero_ps(); 4]; G]; Q];
         for d in 0..64 {
             prefetch_paced(next, d);
             let kd: [__m512; 4] = std::array::from_fn(|c| load_f16x16(k[c].add(16 * d)));
             for g in 0..G {
-                let q0 = _mm512_set1_ps(*q[0].get_unchecked(g * 64 + d));
-                let q1 = _mm512_set1_ps(*q[1].get_unchecked(g * 64 + d));
-                for c in 0..4 {
-                    a[0][g][c] = _mm512_fmadd_ps(q0, kd[c], a[0][g][c]);
-                    a[1][g][c] = _mm512_fmadd_ps(q1, kd[c], a[1][g][c]);
+                for i in 0..Q {
+                    let qv = _mm512_set1_ps(*q[i].get_unchecked(g * 64 + d));
+                    for c in 0..4 {
+                        a[i][g][c] = _mm512_fmadd_ps(qv, kd[c], a[i][g][c]);
+                    }
                 }
             }
         }
-        let ([o0, o1], [m0, m1]) = (out, maxes);
-        store_scores::<G>(&a[0], n[0], scale, o0, m0);
-        store_scores::<G>(&a[1], n[1], scale, o1, m1);
+        let sv = _mm512_set1_ps(scale);
+        for (i, (o, mx)) in out.into_iter().zip(maxes).enumerate() {
+            for g in 0..G {
+                let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+                for c in 0..n[i].div_ceil(16) {
+                    let mut sc = _mm512_mul_ps(a[i][g][c], sv);
+                    if 16 * c + 16 > n[i] {
+                        let keep = ((1u32 << (n[i] - 16 * c)) - 1) as __mmask16;
+                        sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), sc);
+                    }
+                    _mm512_storeu_ps(o[g].as_mut_ptr().add(16 * c), sc);
+                    vmax = _mm512_max_ps(vmax, sc);
+                }
+                mx[g] = _mm512_reduce_max_ps(vmax);
+            }
+        }
     }
 
-    /// [`weighted_heads_f16`] for two queries: each value row is loaded
-    /// and converted once for both.
+    /// `acc[g] = c[g] * acc[g] + sum_j p[g][j] * V[j]` for `G` heads of
+    /// `Q` queries at head_dim 64, the values read from the pool's f16
+    /// runs (`[16][64]` each): each V row is converted once for all.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn weighted_heads2_f16<const G: usize>(
-        acc: [&mut [f32]; 2],
-        c: [&[f32]; 2],
-        p: [&[[f32; SPAN]]; 2],
+    unsafe fn weighted_heads_f16<const G: usize, const Q: usize>(
+        acc: [&mut [f32]; Q],
+        c: [&[f32]; Q],
+        p: [&[[f32; SPAN]]; Q],
         n: usize,
         v: &[*const f16; 4],
         next: &[*const f16; 4],
     ) {
-        let mut r: [[[__m512; 4]; G]; 2] = std::array::from_fn(|i| {
+        let mut r: [[[__m512; 4]; G]; Q] = std::array::from_fn(|i| {
+            debug_assert!(acc[i].len() >= G * 64);
             std::array::from_fn(|g| {
                 let cv = _mm512_set1_ps(c[i][g]);
                 std::array::from_fn(|k| _mm512_mul_ps(cv, _mm512_loadu_ps(acc[i].as_ptr().add(g * 64 + 16 * k))))
@@ -1016,56 +932,72 @@ mod simd {
             let row = v[j / 16].add((j % 16) * 64);
             let x: [__m512; 4] = std::array::from_fn(|k| load_f16x16(row.add(16 * k)));
             for g in 0..G {
-                let p0 = _mm512_set1_ps(*p[0].get_unchecked(g).get_unchecked(j));
-                let p1 = _mm512_set1_ps(*p[1].get_unchecked(g).get_unchecked(j));
-                for k in 0..4 {
-                    r[0][g][k] = _mm512_fmadd_ps(p0, x[k], r[0][g][k]);
-                    r[1][g][k] = _mm512_fmadd_ps(p1, x[k], r[1][g][k]);
+                for i in 0..Q {
+                    let pv = _mm512_set1_ps(*p[i].get_unchecked(g).get_unchecked(j));
+                    for k in 0..4 {
+                        r[i][g][k] = _mm512_fmadd_ps(pv, x[k], r[i][g][k]);
+                    }
                 }
             }
         }
-        let [a0, a1] = acc;
-        for (i, a) in [a0, a1].into_iter().enumerate() {
-            for g in 0..G {
-                for k in 0..4 {
-                    _mm512_storeu_ps(a.as_mut_ptr().add(g * 64 + 16 * k), r[i][g][k]);
+        for (a, ri) in acc.into_iter().zip(&r) {
+            for (g, rg) in ri.iter().enumerate() {
+                for (k, rk) in rg.iter().enumerate() {
+                    _mm512_storeu_ps(a.as_mut_ptr().add(g * 64 + 16 * k), *rk);
                 }
             }
         }
     }
 
-    /// `acc[g] = c[g] * acc[g] + sum_j p[g][j] * V[j]` for `G` heads at
-    /// head_dim 64, the values read from the pool's f16 runs (`[16][64]`
-    /// each): each V row is converted once for all of them.
+    /// [`Lanes::scores_direct`] for `Q` queries: heads in groups of up to 3.
     #[inline(always)]
-    unsafe fn weighted_heads_f16<const G: usize>(
-        acc: &mut [f32],
-        c: &[f32],
-        p: &[[f32; SPAN]],
+    unsafe fn scores_direct_q<const Q: usize>(
+        q: [&[f32]; Q],
+        k: &[*const f16; 4],
+        next: &[*const f16; 4],
+        n: [usize; Q],
+        scale: f32,
+        mut out: [&mut [[f32; SPAN]]; Q],
+        mut maxes: [&mut [f32]; Q],
+    ) {
+        let heads = out[0].len();
+        let mut h = 0;
+        while h < heads {
+            let take = (heads - h).min(3);
+            let qh = q.map(|qi| &qi[h * 64..(h + take) * 64]);
+            let o = out.each_mut().map(|o| &mut o[h..h + take]);
+            let mx = maxes.each_mut().map(|m| &mut m[h..h + take]);
+            match take {
+                3 => scores_heads_f16::<3, Q>(qh, k, next, n, scale, o, mx),
+                2 => scores_heads_f16::<2, Q>(qh, k, next, n, scale, o, mx),
+                _ => scores_heads_f16::<1, Q>(qh, k, next, n, scale, o, mx),
+            }
+            h += take;
+        }
+    }
+
+    /// [`Lanes::weighted_direct`] for `Q` queries: heads in groups of up to 3.
+    #[inline(always)]
+    unsafe fn weighted_direct_q<const Q: usize>(
+        mut acc: [&mut [f32]; Q],
+        c: [&[f32]; Q],
+        p: [&[[f32; SPAN]]; Q],
         n: usize,
         v: &[*const f16; 4],
         next: &[*const f16; 4],
     ) {
-        debug_assert!(acc.len() >= G * 64);
-        let mut r: [[__m512; 4]; G] = std::array::from_fn(|g| {
-            let cv = _mm512_set1_ps(c[g]);
-            std::array::from_fn(|k| _mm512_mul_ps(cv, _mm512_loadu_ps(acc.as_ptr().add(g * 64 + 16 * k))))
-        });
-        for j in 0..n {
-            prefetch_paced(next, j);
-            let row = v[j / 16].add((j % 16) * 64);
-            let x: [__m512; 4] = std::array::from_fn(|k| load_f16x16(row.add(16 * k)));
-            for (g, rg) in r.iter_mut().enumerate() {
-                let pv = _mm512_set1_ps(*p.get_unchecked(g).get_unchecked(j));
-                for k in 0..4 {
-                    rg[k] = _mm512_fmadd_ps(pv, x[k], rg[k]);
-                }
+        let heads = c[0].len();
+        let mut h = 0;
+        while h < heads {
+            let take = (heads - h).min(3);
+            let a = acc.each_mut().map(|a| &mut a[h * 64..(h + take) * 64]);
+            let (cc, pp) = (c.map(|ci| &ci[h..h + take]), p.map(|pi| &pi[h..h + take]));
+            match take {
+                3 => weighted_heads_f16::<3, Q>(a, cc, pp, n, v, next),
+                2 => weighted_heads_f16::<2, Q>(a, cc, pp, n, v, next),
+                _ => weighted_heads_f16::<1, Q>(a, cc, pp, n, v, next),
             }
-        }
-        for (g, rg) in r.iter().enumerate() {
-            for (k, rk) in rg.iter().enumerate() {
-                _mm512_storeu_ps(acc.as_mut_ptr().add(g * 64 + 16 * k), *rk);
-            }
+            h += take;
         }
     }
 
