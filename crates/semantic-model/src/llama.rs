@@ -27,7 +27,7 @@ use semantic_kv::{KvLayout, KvPool};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::kernels::attention::{paged_attention, AttnSeq, AttnShape};
-use crate::kernels::matmul::quantize_rows;
+use crate::kernels::matmul::{qmatmul_swiglu, quantize_rows, swiglu_fits};
 use crate::kernels::ops::{add_assign, rms_norm, Rope};
 use crate::kernels::quant::{dequantize_row, quantize_row_q8a, BlockQ8A, QK};
 use crate::kernels::team::{self, Team};
@@ -81,6 +81,9 @@ struct Scratch {
     gu: Vec<f32>,
     act: Vec<f32>,
     hq: Vec<BlockQ8A>,
+    /// The down projection's input blocks when SwiGLU runs in the gate/up
+    /// matmul (which reads `hq`).
+    act_q: Vec<BlockQ8A>,
 }
 
 /// `buf` as `n` values, reusing its allocation. What the last step left
@@ -227,7 +230,7 @@ impl LlamaModel {
         let qkv_w = q_w + 2 * kv_w;
 
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch { x, h, qkv, q, att, proj, gu, act, hq } = &mut *guard;
+        let Scratch { x, h, qkv, q, att, proj, gu, act, hq, act_q } = &mut *guard;
         let x = sized(x, n * dim);
         let mut angles = Vec::with_capacity(n * self.rope.n_freqs());
         let mut attn_seqs = Vec::with_capacity(plan.seqs.len());
@@ -259,6 +262,7 @@ impl LlamaModel {
         let gu = sized(gu, n * 2 * c.ff_dim);
         let act = sized(act, n * c.ff_dim);
         hq.resize(n * dim.max(q_w).max(c.ff_dim) / QK, BlockQ8A::ZERO);
+        act_q.resize(n * c.ff_dim / QK, BlockQ8A::ZERO);
         let rows = row_chunk(n);
         let eps = c.rms_eps;
         // Row-wise work between the matmuls runs as one region per gap,
@@ -321,18 +325,29 @@ impl LlamaModel {
                 norm_rows(r, &l.ffn_norm, &l.gate_up, hqs);
             });
             laps.lap(Phase::RowOps);
-            l.gate_up.forward(h, &hq[..n * dim / QK], n, &mut *gu)?;
-            laps.lap(Phase::GateUp);
-            let hqs = hq_rows(c.ff_dim);
-            each_row(n, rows, |r| {
-                let a = unsafe { acts.row(r) };
-                silu_mul(&gu[r * 2 * c.ff_dim..(r + 1) * 2 * c.ff_dim], c.ff_dim, a);
-                if l.down.needs_quantized_input() {
-                    quantize_row_q8a(a, unsafe { hqs.row(r) });
+            let down_q = match (&l.gate_up, l.down.needs_quantized_input()) {
+                // SwiGLU and the down input's quantization in the matmul's tasks.
+                (Linear::Quant(m), true) if swiglu_fits(m) => {
+                    qmatmul_swiglu(m, &hq[..n * dim / QK], &mut act[..], &mut act_q[..]);
+                    laps.lap(Phase::GateUp);
+                    &act_q[..]
                 }
-            });
-            laps.lap(Phase::RowOps);
-            l.down.forward(act, &hq[..n * c.ff_dim / QK], n, &mut *proj)?;
+                _ => {
+                    l.gate_up.forward(h, &hq[..n * dim / QK], n, &mut *gu)?;
+                    laps.lap(Phase::GateUp);
+                    let hqs = hq_rows(c.ff_dim);
+                    each_row(n, rows, |r| {
+                        let a = unsafe { acts.row(r) };
+                        silu_mul(&gu[r * 2 * c.ff_dim..(r + 1) * 2 * c.ff_dim], c.ff_dim, a);
+                        if l.down.needs_quantized_input() {
+                            quantize_row_q8a(a, unsafe { hqs.row(r) });
+                        }
+                    });
+                    laps.lap(Phase::RowOps);
+                    &hq[..n * c.ff_dim / QK]
+                }
+            };
+            l.down.forward(act, down_q, n, &mut *proj)?;
             laps.lap(Phase::Down);
             let next = self.layers.get(li + 1);
             let hqs = hq_rows(dim);
@@ -391,7 +406,9 @@ impl LlamaModel {
 /// writes, SwiGLU, residuals): one row per task for a handful of rows (a
 /// decode batch), else two tasks per thread. Each gap between two matmuls
 /// is one region whose tasks do all of its row ops, so a layer has five
-/// regions of row work, not ten, and the two threads share them.
+/// regions of row work, not ten, and the two threads share them (four
+/// when SwiGLU runs in the gate/up matmul's tasks, see
+/// [`qmatmul_swiglu`]).
 ///
 /// With rayon, whose fork/join cost more than these ops, a decode ran
 /// them on one thread, ten passes per layer: 0.54 ms of a 4.0 ms 5-row

@@ -213,20 +213,26 @@ pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     qmatmul_on(*PATH.get_or_init(best_path), w, x, out)
 }
 
+/// Groups per task and number of tasks of a matmul of `w` against `n_x`
+/// rows on `threads` threads: enough chunks to balance the threads, each
+/// with >= 16 KiB of weights (or the equivalent in activation work) to
+/// hide the task overhead.
+fn chunking(w: &QMatrix, n_x: usize, threads: usize) -> (usize, usize) {
+    let groups = w.rows.div_ceil(GROUP);
+    let gbytes = (w.cols / QK) * group_block_bytes(w.ty);
+    let work = groups * gbytes * n_x.div_ceil(TILE);
+    let n_chunks = (work / 16384).clamp(1, threads * 4).min(groups);
+    let chunk = groups.div_ceil(n_chunks);
+    (chunk, groups.div_ceil(chunk))
+}
+
 pub(crate) fn qmatmul_on(path: Path, w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
     let nb = w.cols / QK;
     let n_x = x.len() / nb;
     assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
     assert_eq!(out.len(), n_x * w.rows, "output size");
     let groups = w.rows.div_ceil(GROUP);
-    // Enough chunks to balance the threads, each with >= 16 KiB of weights
-    // (or the equivalent in activation work) to hide the task overhead.
-    let threads = team::threads();
-    let gbytes = nb * group_block_bytes(w.ty);
-    let work = groups * gbytes * n_x.div_ceil(TILE);
-    let n_chunks = (work / 16384).clamp(1, threads * 4).min(groups);
-    let chunk = groups.div_ceil(n_chunks);
-    let n_chunks = groups.div_ceil(chunk);
+    let (chunk, n_chunks) = chunking(w, n_x, team::threads());
     let out_ptr = SendPtr(out.as_mut_ptr());
     let run = |c: usize| {
         let g0 = c * chunk;
@@ -239,6 +245,149 @@ pub(crate) fn qmatmul_on(path: Path, w: &QMatrix, x: &[BlockQ8A], out: &mut [f32
     team::for_each(n_chunks, run);
 }
 
+/// The gate/up projection with SwiGLU and the down projection's input
+/// quantization done per task: `w` is `[gate (ff) ; up (ff)]` by `cols`;
+/// for every row `act = silu(x W_gate^T) * (x W_up^T)` (`[n_x, ff]`) and
+/// `act_q` its Q8 blocks.
+///
+/// Why: as a matmul and then a row-wise pass, the `[n_x, 2 ff]` products
+/// (12 KiB a row here) were written and read back whole, and in a decode
+/// step each row's pass ran on one core and read the half of the row that
+/// the other core had computed. Here the task that computes the gate and
+/// up products of some features combines them and writes only `act` and
+/// its blocks: the other core reads 0.85 KiB of each row (for the down
+/// projection) instead of 6 KiB.
+///
+/// Measured with `decode_steps` (250 tokens of context), alternating runs,
+/// by where the host had put the two vCPUs (a cache-line ping-pong between
+/// them, before each run):
+/// - on two CCDs (~400 ns round trip): 3 rows 2.77-2.84 -> 2.67-2.73 ms
+///   (row ops 0.40 -> 0.30 ms, gate/up 0.50 -> 0.56), 1 row 2.00 -> 1.83
+///   and 1.89 -> 1.77 ms, 5 rows 3.60 -> 3.55;
+/// - on one CCD (~100 ns): within 2% either way (3 rows 2.64 -> 2.69 ms,
+///   5 rows 3.26 -> 3.33, 1 row 2.22 -> 2.12, 512-token prefill 129.9 ->
+///   131.4 ms).
+pub fn qmatmul_swiglu(w: &QMatrix, x: &[BlockQ8A], act: &mut [f32], act_q: &mut [BlockQ8A]) {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    qmatmul_swiglu_on(*PATH.get_or_init(best_path), w, x, act, act_q)
+}
+
+/// Whether [`qmatmul_swiglu`] takes `w`: its halves are whole blocks of 32
+/// features, so each task quantizes whole blocks.
+pub fn swiglu_fits(w: &QMatrix) -> bool {
+    w.rows.is_multiple_of(2 * QK)
+}
+
+pub(crate) fn qmatmul_swiglu_on(path: Path, w: &QMatrix, x: &[BlockQ8A], act: &mut [f32], act_q: &mut [BlockQ8A]) {
+    assert!(swiglu_fits(w), "gate/up halves of whole blocks");
+    let nb = w.cols / QK;
+    let n_x = x.len() / nb;
+    let ff = w.rows / 2;
+    assert_eq!(x.len(), n_x * nb, "activation blocks do not match the width");
+    assert_eq!(act.len(), n_x * ff, "output size");
+    assert_eq!(act_q.len(), n_x * ff / QK, "quantized output size");
+    // Tasks of whole 32-feature blocks (two groups of gate rows and the
+    // two matching groups of up rows), as many as a plain matmul's.
+    let blocks = ff / QK;
+    let (chunk, _) = chunking(w, n_x, team::threads());
+    let chunk = chunk.div_ceil(4);
+    let n_chunks = blocks.div_ceil(chunk);
+    let (act_ptr, q_ptr) = (SendPtr(act.as_mut_ptr()), SendPtr(act_q.as_mut_ptr()));
+    team::for_each(n_chunks, |c| {
+        // SAFETY: task `c` writes only the features of blocks c*chunk..
+        // of every row, and the chunks are disjoint; both outputs outlive
+        // the region.
+        let (act, act_q) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(act_ptr.get(), n_x * ff),
+                std::slice::from_raw_parts_mut(q_ptr.get(), n_x * blocks),
+            )
+        };
+        let b1 = ((c + 1) * chunk).min(blocks);
+        swiglu_blocks(w, x, nb, n_x, c * chunk..b1, act, act_q, path);
+    });
+}
+
+/// Features of blocks `blocks` (32 each) of every row: per tile of
+/// activation rows, gate groups `2 blk, 2 blk + 1` and the up groups
+/// `ff / 16` after them; then SwiGLU and quantization once per row over
+/// the whole range (called per block, they cost more than they computed:
+/// a 1-row decode step 1.83 -> 1.98 ms).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_blocks(
+    w: &QMatrix,
+    x: &[BlockQ8A],
+    nb: usize,
+    n_x: usize,
+    blocks: std::ops::Range<usize>,
+    act: &mut [f32],
+    act_q: &mut [BlockQ8A],
+    path: Path,
+) {
+    let ff = w.rows / 2;
+    let up = ff / GROUP;
+    let width = blocks.len() * QK;
+    let f0 = blocks.start * QK;
+    // Per tile row: `[gate (width) | up (width)]`, as `silu_mul` reads it.
+    let mut gu = vec![0f32; TILE * 2 * width];
+    let mut res = [[0f32; GROUP]; TILE];
+    let stream = n_x <= TILE;
+    let mut b0 = 0;
+    while b0 < n_x {
+        let t = (n_x - b0).min(TILE);
+        let xt = &x[b0 * nb..(b0 + t) * nb];
+        for (i, g) in (2 * blocks.start..2 * blocks.end).enumerate() {
+            for (half, grp) in [(0, g), (width, up + g)] {
+                group_tile(w, grp, xt, nb, t, stream, path, &mut res);
+                for (j, rj) in res.iter().enumerate().take(t) {
+                    let at = j * 2 * width + half + i * GROUP;
+                    gu[at..at + GROUP].copy_from_slice(rj);
+                }
+            }
+        }
+        for j in 0..t {
+            let row = b0 + j;
+            let a = &mut act[row * ff + f0..row * ff + f0 + width];
+            super::vmath::silu_mul(&gu[j * 2 * width..(j + 1) * 2 * width], width, a);
+            let q0 = row * (ff / QK);
+            quantize_row_q8a(a, &mut act_q[q0 + blocks.start..q0 + blocks.end]);
+        }
+        b0 += t;
+    }
+}
+
+/// Group `g` of `w` against the `t` activation rows of `x` into rows
+/// `0..t` of `res`.
+#[allow(clippy::too_many_arguments)]
+fn group_tile(
+    w: &QMatrix,
+    g: usize,
+    x: &[BlockQ8A],
+    nb: usize,
+    t: usize,
+    stream: bool,
+    path: Path,
+    res: &mut [[f32; GROUP]; TILE],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(dot) = path {
+        let gbytes = nb * group_block_bytes(w.ty);
+        let wg = &w.data[g * gbytes..(g + 1) * gbytes];
+        let tile = avx2::Tile { ty: w.ty, w: wg, x, nb, t, stream };
+        // SAFETY: `dot` came from feature detection (or a test that
+        // checked it); `wg` holds nb group blocks and `x` t rows of nb.
+        unsafe { avx2::group_tile(dot, tile, res) };
+        return;
+    }
+    let r0 = g * GROUP;
+    for lane in 0..(w.rows - r0).min(GROUP) {
+        let row = w.row(r0 + lane);
+        for (j, rj) in res.iter_mut().enumerate().take(t) {
+            rj[lane] = vec_dot_scalar(w.ty, &row, &x[j * nb..(j + 1) * nb]);
+        }
+    }
+}
+
 fn groups_kernel(
     w: &QMatrix,
     x: &[BlockQ8A],
@@ -248,7 +397,6 @@ fn groups_kernel(
     out: &mut [f32],
     path: Path,
 ) {
-    let gbytes = nb * group_block_bytes(w.ty);
     // One tile per group (a decode): each weight byte is used once, so it
     // is fetched non-temporally (see `prefetch_ahead`).
     let stream = n_x <= TILE;
@@ -263,23 +411,7 @@ fn groups_kernel(
         let mut b0 = 0;
         while b0 < n_x {
             let t = (n_x - b0).min(TILE);
-            #[cfg(target_arch = "x86_64")]
-            if let Some(dot) = path {
-                let wg = &w.data[g * gbytes..(g + 1) * gbytes];
-                let tile = avx2::Tile { ty: w.ty, w: wg, x: &x[b0 * nb..(b0 + t) * nb], nb, t, stream };
-                // SAFETY: `dot` came from feature detection (or a test that
-                // checked it); `wg` holds nb group blocks and rows b0..b0+t
-                // of `x` hold nb blocks each.
-                unsafe { avx2::group_tile(dot, tile, &mut res) };
-            }
-            if path.is_none() {
-                for lane in 0..live {
-                    let row = w.row(r0 + lane);
-                    for (j, rj) in res.iter_mut().enumerate().take(t) {
-                        rj[lane] = vec_dot_scalar(w.ty, &row, &x[(b0 + j) * nb..(b0 + j + 1) * nb]);
-                    }
-                }
-            }
+            group_tile(w, g, &x[b0 * nb..(b0 + t) * nb], nb, t, stream, path, &mut res);
             for (j, rj) in res.iter().enumerate().take(t) {
                 let o = (b0 + j) * w.rows + r0;
                 out[o..o + live].copy_from_slice(&rj[..live]);
@@ -990,6 +1122,49 @@ mod tests {
             }
         }
         p
+    }
+
+    /// The fused gate/up + SwiGLU + quantization gives the bits of the
+    /// matmul, `silu_mul` and `quantize_row_q8a` run one after the other,
+    /// on every path, on one thread and on a team, for decode and prefill
+    /// tiles (and a partial last tile).
+    #[test]
+    fn swiglu_matmul_equals_the_three_passes() {
+        let mut seed = 21;
+        let team = crate::kernels::team::Team::new(2).unwrap();
+        for ty in [QType::Q4_1, QType::Q4_0, QType::Q8_0] {
+            for (ff, cols, n_x) in [(96, 64, 1), (1536, 576, 3), (160, 128, 21)] {
+                let w = random_matrix(ty, 2 * ff, cols, &mut seed);
+                assert!(swiglu_fits(&w));
+                let x: Vec<f32> = (0..n_x * cols).map(|_| lcg(&mut seed)).collect();
+                let mut xq = Vec::new();
+                quantize_rows(&x, cols, &mut xq);
+                for path in paths() {
+                    let mut gu = vec![0f32; n_x * 2 * ff];
+                    qmatmul_on(path, &w, &xq, &mut gu);
+                    let mut want = vec![0f32; n_x * ff];
+                    crate::kernels::vmath::silu_mul(&gu, ff, &mut want);
+                    let mut want_q = vec![BlockQ8A::ZERO; n_x * ff / QK];
+                    for (a, q) in want.chunks_exact(ff).zip(want_q.chunks_exact_mut(ff / QK)) {
+                        quantize_row_q8a(a, q);
+                    }
+                    for on_team in [false, true] {
+                        let mut act = vec![f32::NAN; n_x * ff];
+                        let mut act_q = vec![BlockQ8A::ZERO; n_x * ff / QK];
+                        let mut run = || qmatmul_swiglu_on(path, &w, &xq, &mut act, &mut act_q);
+                        if on_team {
+                            team.install(run);
+                        } else {
+                            run();
+                        }
+                        let same = act.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{ty:?} ff={ff} n={n_x} {path:?} team={on_team}");
+                        let same_q = act_q.iter().zip(&want_q).all(|(a, b)| a.qs == b.qs && a.d == b.d && a.s == b.s);
+                        assert!(same_q, "{ty:?} ff={ff} n={n_x} {path:?} team={on_team}: blocks");
+                    }
+                }
+            }
+        }
     }
 
     /// Chunks spread over a team (lanes, stealing) give the bits one
