@@ -194,10 +194,18 @@ impl Drop for Team {
 }
 
 /// Claims and runs tasks of `job` until none are left: lane `me` first,
-/// then the others.
+/// then the others. The tasks run are counted into `done` once, at the
+/// end: counted one by one, every task moved the shared counter's cache
+/// line between the cores.
 fn work(job: &Job, me: usize) {
+    let mut ran = 0;
     for k in 0..job.n_lanes {
         let lane = &job.lanes[(me + k) % job.n_lanes];
+        // Another lane: look before claiming, so an empty one is not
+        // written to (which would take its line from its owner).
+        if k > 0 && lane.next.load(Relaxed) >= lane.end {
+            continue;
+        }
         loop {
             let i = lane.next.fetch_add(1, Relaxed);
             if i >= lane.end {
@@ -208,9 +216,10 @@ fn work(job: &Job, me: usize) {
             if r.is_err() {
                 job.panicked.store(true, Relaxed);
             }
-            job.done.fetch_add(1, Release);
+            ran += 1;
         }
     }
+    job.done.fetch_add(ran, Release);
 }
 
 fn helper_loop(sh: &Shared, me: &Helper, lane: usize) {
