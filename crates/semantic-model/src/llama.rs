@@ -26,7 +26,7 @@ use semantic_kv::{KvLayout, KvPool};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, ModelConfig};
-use crate::kernels::attention::{paged_attention, AttnSeq, AttnShape};
+use crate::kernels::attention::{paged_attention, paged_attention_q, quantizes_in_items, AttnSeq, AttnShape};
 use crate::kernels::matmul::{qmatmul_swiglu, quantize_rows, swiglu_fits};
 use crate::kernels::ops::{add_assign, rms_norm, Rope};
 use crate::kernels::quant::{dequantize_row, quantize_row_q8a, BlockQ8A, QK};
@@ -310,13 +310,19 @@ impl LlamaModel {
                 unsafe { writer.write(&plan.seqs[si].block_table, li, pos, k, v) };
             });
             laps.lap(Phase::RowOps);
-            paged_attention(q, &mut *att, pool, li, &attn_seqs, shape);
-            laps.lap(Phase::Attention);
-            if l.wo.needs_quantized_input() {
-                let hqs = hq_rows(q_w);
-                each_row(n, rows, |r| quantize_row_q8a(unsafe { atts.row(r) }, unsafe { hqs.row(r) }));
+            if l.wo.needs_quantized_input() && quantizes_in_items(shape) {
+                // The output projection's input blocks come from the items.
+                paged_attention_q(q, &mut *att, &mut hq[..n * q_w / QK], pool, li, &attn_seqs, shape);
+                laps.lap(Phase::Attention);
+            } else {
+                paged_attention(q, &mut *att, pool, li, &attn_seqs, shape);
+                laps.lap(Phase::Attention);
+                if l.wo.needs_quantized_input() {
+                    let hqs = hq_rows(q_w);
+                    each_row(n, rows, |r| quantize_row_q8a(unsafe { atts.row(r) }, unsafe { hqs.row(r) }));
+                }
+                laps.lap(Phase::RowOps);
             }
-            laps.lap(Phase::RowOps);
             l.wo.forward(att, &hq[..n * q_w / QK], n, &mut *proj)?;
             laps.lap(Phase::O);
             let hqs = hq_rows(dim);
