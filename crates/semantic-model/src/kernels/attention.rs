@@ -1538,7 +1538,7 @@ mod tests {
                 let mut out_q = vec![BlockQ8A::ZERO; q.len() / QK];
                 let blocks = quantizes_in_items(shape).then_some(&mut out_q[..]);
                 let check = blocks.is_some();
-                let mut run = || paged_attention_on(path, &q, &mut out, blocks, &pool, 1, &[seq], shape);
+                let run = || paged_attention_on(path, &q, &mut out, blocks, &pool, 1, &[seq], shape);
                 match team {
                     Some(t) => t.install(run),
                     None => run(),
