@@ -84,6 +84,45 @@ pub fn llama_version(bin: &Path) -> String {
     format!("{} ({version})", bin.display())
 }
 
+/// Nanoseconds for two threads to pass a cache line there and back (the
+/// median of 5 runs of 20000 round trips); `None` on one core. On a 2-vCPU
+/// VM this tells where the host put the vCPUs, which moves from minute to
+/// minute: seen here 50-130 ns (one core complex) and 400-450 ns (two),
+/// and the batching ratios move with it (each fork-join of a decode step
+/// costs a few such trips).
+pub fn core_round_trip_ns() -> Option<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering::*};
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return None;
+    }
+    const TRIPS: u64 = 20_000;
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let flag = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 0..TRIPS {
+                        while flag.load(Acquire) != 2 * i + 1 {
+                            std::hint::spin_loop();
+                        }
+                        flag.store(2 * i + 2, Release);
+                    }
+                });
+                let t0 = std::time::Instant::now();
+                for i in 0..TRIPS {
+                    flag.store(2 * i + 1, Release);
+                    while flag.load(Acquire) != 2 * i + 2 {
+                        std::hint::spin_loop();
+                    }
+                }
+                t0.elapsed().as_secs_f64() * 1e9 / TRIPS as f64
+            })
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    Some(runs[2])
+}
+
 pub fn collect(model: &ModelInfo, quick: bool, repo: &Path) -> Metadata {
     let unix = unix_now();
     let kernel = read("/proc/sys/kernel/osrelease");
@@ -103,6 +142,8 @@ pub fn collect(model: &ModelInfo, quick: bool, repo: &Path) -> Metadata {
         git_commit: git_commit(repo),
         semantic_version: env!("CARGO_PKG_VERSION").into(),
         load_average_start: load_average(),
+        // The end value is measured again by the suite's `finish`.
+        core_round_trip_ns: core_round_trip_ns().map(|ns| [ns, ns]),
         ..Metadata::default()
     }
 }
@@ -124,6 +165,9 @@ mod tests {
         assert!(ram_bytes() > 0);
         assert!(!cpu_model().is_empty());
         assert_eq!(git_commit(Path::new("/")), "unknown");
+        if let Some(ns) = core_round_trip_ns() {
+            assert!(ns > 0.0 && ns.is_finite(), "{ns}");
+        }
         let here = git_commit(Path::new(env!("CARGO_MANIFEST_DIR")));
         assert!(here == "unknown" || here.len() >= 40, "{here}");
     }

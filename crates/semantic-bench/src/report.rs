@@ -99,6 +99,14 @@ fn header(r: &Results) -> String {
     let la = |v: &Option<[f64; 3]>| v.map_or("?".into(), |a| format!("{:.2} {:.2} {:.2}", a[0], a[1], a[2]));
     let _ =
         writeln!(s, "- **Load average** at start / end: {} / {}", la(&m.load_average_start), la(&m.load_average_end));
+    if let Some([a, b]) = m.core_round_trip_ns {
+        let _ = writeln!(
+            s,
+            "- **Cross-core round trip** at start / end: {a:.0} / {b:.0} ns (two threads passing a cache line; \
+             on a 2-vCPU VM, 50-130 ns when the host put the vCPUs in one core complex, ~400 ns in two, \
+             which slows multi-agent steps)"
+        );
+    }
     s.push_str("\nCells are `median (min–max)` over the repetitions; a single number is one sample.\n");
     s
 }

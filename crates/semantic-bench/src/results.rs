@@ -179,6 +179,10 @@ pub struct Metadata {
     pub load_average_start: Option<[f64; 3]>,
     #[serde(default)]
     pub load_average_end: Option<[f64; 3]>,
+    /// Two threads passing a cache line back and forth, ns per round trip,
+    /// at the start and the end of the run (see [`crate::meta::core_round_trip_ns`]).
+    #[serde(default)]
+    pub core_round_trip_ns: Option<[f64; 2]>,
     #[serde(default)]
     pub duration_s: f64,
     #[serde(default)]

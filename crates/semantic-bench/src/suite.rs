@@ -425,6 +425,9 @@ impl Suite {
     pub fn finish(&mut self) {
         let m = &mut self.results.metadata;
         m.load_average_end = meta::load_average();
+        if let (Some(r), Some(ns)) = (&mut m.core_round_trip_ns, meta::core_round_trip_ns()) {
+            r[1] = ns;
+        }
         m.duration_s = self.started.elapsed().as_secs_f64();
         let busiest = [m.load_average_start, m.load_average_end].iter().flatten().map(|l| l[0]).fold(0.0, f64::max);
         if busiest > 0.5 {
