@@ -333,10 +333,10 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
     let part_len = len + 2 * group;
     let mut i = 0;
     while i < items.len() {
-        let Some(_) = items[i].part else {
+        if items[i].part.is_none() {
             i += 1;
             continue;
-        };
+        }
         let it = items[i];
         let n = items[i..]
             .iter()
@@ -1232,6 +1232,9 @@ mod simd {
         let mut l = [[0f32; MAX_GROUP]; super::QUERY_TILE];
         let mut scores = [[0f32; SPAN]; MAX_GROUP];
         let mut maxes = [0f32; MAX_GROUP];
+        // The second query of a pair (direct path).
+        let mut scores2 = [[0f32; SPAN]; MAX_GROUP];
+        let mut maxes2 = [0f32; MAX_GROUP];
         for o in outs.iter_mut() {
             o.fill(0.0);
         }
@@ -1286,8 +1289,6 @@ mod simd {
                     L::to_f32(&v[..valid * hd], &mut vbuf[at..at + valid * hd]);
                 }
             }
-            let mut scores2 = [[0f32; SPAN]; MAX_GROUP];
-            let mut maxes2 = [0f32; MAX_GROUP];
             let limit = |t: usize| if keys.causal { keys.n_keys - (nt - 1 - t) } else { keys.n_keys };
             let mut t = 0;
             while t < nt {
