@@ -259,7 +259,6 @@ impl LlamaModel {
         let q = sized(q, n * q_w);
         let att = sized(att, n * q_w);
         let proj = sized(proj, n * dim);
-        let gu = sized(gu, n * 2 * c.ff_dim);
         let act = sized(act, n * c.ff_dim);
         hq.resize(n * dim.max(q_w).max(c.ff_dim) / QK, BlockQ8A::ZERO);
         act_q.resize(n * c.ff_dim / QK, BlockQ8A::ZERO);
@@ -339,6 +338,8 @@ impl LlamaModel {
                     &act_q[..]
                 }
                 _ => {
+                    // Only this path holds the `[n, 2 ff]` products (6 MiB at 512 rows).
+                    let gu = sized(gu, n * 2 * c.ff_dim);
                     l.gate_up.forward(h, &hq[..n * dim / QK], n, &mut *gu)?;
                     laps.lap(Phase::GateUp);
                     let hqs = hq_rows(c.ff_dim);
@@ -412,9 +413,10 @@ impl LlamaModel {
 /// writes, SwiGLU, residuals): one row per task for a handful of rows (a
 /// decode batch), else two tasks per thread. Each gap between two matmuls
 /// is one region whose tasks do all of its row ops, so a layer has five
-/// regions of row work, not ten, and the two threads share them (four
-/// when SwiGLU runs in the gate/up matmul's tasks, see
-/// [`qmatmul_swiglu`]).
+/// regions of row work, not ten, and the two threads share them (three
+/// with native weights: SwiGLU runs in the gate/up matmul's tasks, see
+/// [`qmatmul_swiglu`], and the attention items quantize their outputs,
+/// see [`paged_attention_q`]).
 ///
 /// With rayon, whose fork/join cost more than these ops, a decode ran
 /// them on one thread, ten passes per layer: 0.54 ms of a 4.0 ms 5-row

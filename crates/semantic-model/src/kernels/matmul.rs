@@ -324,36 +324,42 @@ fn swiglu_blocks(
     act_q: &mut [BlockQ8A],
     path: Path,
 ) {
+    thread_local! {
+        static GU: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let ff = w.rows / 2;
     let up = ff / GROUP;
     let width = blocks.len() * QK;
     let f0 = blocks.start * QK;
-    // Per tile row: `[gate (width) | up (width)]`, as `silu_mul` reads it.
-    let mut gu = vec![0f32; TILE * 2 * width];
     let mut res = [[0f32; GROUP]; TILE];
     let stream = n_x <= TILE;
-    let mut b0 = 0;
-    while b0 < n_x {
-        let t = (n_x - b0).min(TILE);
-        let xt = &x[b0 * nb..(b0 + t) * nb];
-        for (i, g) in (2 * blocks.start..2 * blocks.end).enumerate() {
-            for (half, grp) in [(0, g), (width, up + g)] {
-                group_tile(w, grp, xt, nb, t, stream, path, &mut res);
-                for (j, rj) in res.iter().enumerate().take(t) {
-                    let at = j * 2 * width + half + i * GROUP;
-                    gu[at..at + GROUP].copy_from_slice(rj);
+    // Per tile row: `[gate (width) | up (width)]`, as `silu_mul` reads it;
+    // a per-thread buffer, every value written before it is read.
+    GU.with_borrow_mut(|gu| {
+        gu.resize(n_x.min(TILE) * 2 * width, 0.0);
+        let mut b0 = 0;
+        while b0 < n_x {
+            let t = (n_x - b0).min(TILE);
+            let xt = &x[b0 * nb..(b0 + t) * nb];
+            for (i, g) in (2 * blocks.start..2 * blocks.end).enumerate() {
+                for (half, grp) in [(0, g), (width, up + g)] {
+                    group_tile(w, grp, xt, nb, t, stream, path, &mut res);
+                    for (j, rj) in res.iter().enumerate().take(t) {
+                        let at = j * 2 * width + half + i * GROUP;
+                        gu[at..at + GROUP].copy_from_slice(rj);
+                    }
                 }
             }
+            for j in 0..t {
+                let row = b0 + j;
+                let a = &mut act[row * ff + f0..row * ff + f0 + width];
+                super::vmath::silu_mul(&gu[j * 2 * width..(j + 1) * 2 * width], width, a);
+                let q0 = row * (ff / QK);
+                quantize_row_q8a(a, &mut act_q[q0 + blocks.start..q0 + blocks.end]);
+            }
+            b0 += t;
         }
-        for j in 0..t {
-            let row = b0 + j;
-            let a = &mut act[row * ff + f0..row * ff + f0 + width];
-            super::vmath::silu_mul(&gu[j * 2 * width..(j + 1) * 2 * width], width, a);
-            let q0 = row * (ff / QK);
-            quantize_row_q8a(a, &mut act_q[q0 + blocks.start..q0 + blocks.end]);
-        }
-        b0 += t;
-    }
+    });
 }
 
 /// Group `g` of `w` against the `t` activation rows of `x` into rows
