@@ -3,11 +3,14 @@
 //!
 //! Order (as llama.cpp's default chain): repetition penalty over the recent
 //! tokens, then greedy if `temperature == 0`, else top-k, softmax with
-//! temperature, top-p, min-p, and a draw from what is left. Candidates are
-//! found with partial selection (64, 512, 4096, all) so top-p stays exact
+//! temperature, top-p, min-p, and a draw from what is left. The softmax
+//! weights are one vectorized pass; the filters sort only the tokens above
+//! a weight cut that holds what they keep, so top-k and top-p stay exact
 //! without sorting the whole vocabulary every token.
 
 use semantic_core::SamplingParams;
+
+use crate::kernels::vmath::exp_scaled;
 
 /// Tokens the repetition penalty looks back over.
 pub const PENALTY_WINDOW: usize = 256;
@@ -51,6 +54,10 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// `exp((logit - max) / T)` of every token, reused from token to token.
+    weights: Vec<f32>,
+    /// `(token, weight)` of the tokens the filters may keep, reused.
+    cands: Vec<(u32, f32)>,
 }
 
 /// A sampled token and its log-probability under the final distribution
@@ -61,13 +68,19 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
+/// Weight (relative to the top token's 1) above which the candidates for
+/// top-k, top-p and min-p are first collected; divided by `CUT_STEP` while
+/// they do not hold what the filters keep, down to every token.
+const FIRST_CUT: f32 = 1e-4;
+const CUT_STEP: f32 = 1e-4;
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(|| {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             t.map(|d| d.as_nanos() as u64).unwrap_or(0)
         });
-        Self { params, rng: Rng::new(seed) }
+        Self { params, rng: Rng::new(seed), weights: Vec::new(), cands: Vec::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -76,6 +89,12 @@ impl Sampler {
 
     /// Picks the next token. `recent` is the sequence so far (prompt and
     /// output); only its last [`PENALTY_WINDOW`] tokens are penalized.
+    ///
+    /// Every token's weight is computed once, vectorized; plain temperature
+    /// sampling draws from them directly. The filters sort only the
+    /// candidates above a weight cut that provably holds what they keep
+    /// (the top k, the top-p nucleus, the min-p survivors), not the whole
+    /// vocabulary.
     pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> Sampled {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
@@ -89,37 +108,92 @@ impl Sampler {
                 }
             }
         }
-        if p.is_greedy() {
+        let max = max_logit(logits);
+        // Greedy, or nothing to weigh (every logit -inf or NaN, or an inf).
+        if p.is_greedy() || !max.is_finite() {
             return Sampled { token: argmax(logits), logprob: 0.0 };
         }
-        let mut want = if p.top_k > 0 { p.top_k.min(logits.len()) } else { 64.min(logits.len()) };
+        let n = logits.len();
+        self.weights.resize(n, 0.0);
+        let total = exp_scaled(logits, max, 1.0 / p.temperature, &mut self.weights);
+        let k = if p.top_k > 0 { p.top_k.min(n) } else { n };
+        if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return self.draw_any(total);
+        }
+        self.collect(k, total);
+        let cands = &mut self.cands;
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if cands.len() > k {
+            cands.select_nth_unstable_by(k - 1, order);
+            cands.truncate(k);
+        }
+        cands.sort_unstable_by(order);
+        // Top-k renormalizes over the k; else over the whole vocabulary.
+        let z = if k < n { cands.iter().map(|c| c.1).sum() } else { total };
+        self.draw_filtered(z)
+    }
+
+    /// Fills `cands` with every token whose weight is at least a cut, the
+    /// cut lowered until the candidates surely hold the top `k` (top-k),
+    /// the top-p nucleus of `total`, or every min-p survivor. A token with
+    /// weight 0 is never a candidate (the top token weighs 1).
+    fn collect(&mut self, k: usize, total: f32) {
+        let p = &self.params;
+        // Min-p keeps nothing under its floor (the top token weighs 1).
+        let mut cut = if p.min_p > 0.0 { FIRST_CUT.max(p.min_p) } else { FIRST_CUT };
         loop {
-            let cands = top_candidates(logits, want);
-            let max = cands[0].1;
-            let mut probs: Vec<f32> = cands.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
-            // Normalize over the whole (top-k limited) distribution.
-            let total: f32 = if p.top_k > 0 || want == logits.len() {
-                probs.iter().sum()
+            self.cands.clear();
+            let floor = cut.max(f32::MIN_POSITIVE);
+            self.cands
+                .extend(self.weights.iter().enumerate().filter(|(_, &w)| w >= floor).map(|(i, &w)| (i as u32, w)));
+            let enough = if k < self.weights.len() {
+                self.cands.len() >= k
             } else {
-                logits.iter().map(|l| ((l - max) / p.temperature).exp()).sum()
+                let mass: f32 = self.cands.iter().map(|c| c.1).sum();
+                mass >= p.top_p * total || (p.min_p > 0.0 && p.min_p >= cut)
             };
-            let covered: f32 = probs.iter().sum::<f32>() / total;
-            if covered < p.top_p && want < logits.len() && p.top_k == 0 {
-                want = (want * 8).min(logits.len());
-                continue;
+            if enough || cut == 0.0 {
+                return;
             }
-            probs.iter_mut().for_each(|v| *v /= total);
-            return self.draw(&cands, &mut probs);
+            cut = if cut > 1e-30 { cut * CUT_STEP } else { 0.0 };
         }
     }
 
-    fn draw(&mut self, cands: &[(u32, f32)], probs: &mut Vec<f32>) -> Sampled {
+    /// A draw from every token's weight (no filter): the first token whose
+    /// running sum passes `u * total`, found a block of sums at a time.
+    fn draw_any(&mut self, total: f32) -> Sampled {
+        const BLOCK: usize = 256;
+        let r = self.rng.next_f32() * total;
+        let w = &self.weights;
+        let mut acc = 0f32;
+        for (b, block) in w.chunks(BLOCK).enumerate() {
+            let s = sum(block);
+            if acc + s > r {
+                for (i, &v) in block.iter().enumerate() {
+                    acc += v;
+                    if acc > r {
+                        let t = b * BLOCK + i;
+                        return Sampled { token: t as u32, logprob: (v / total).ln() };
+                    }
+                }
+            }
+            acc += s;
+        }
+        // Rounding left `r` past the sum: the last token with weight.
+        let t = w.iter().rposition(|&v| v > 0.0).unwrap_or(0);
+        Sampled { token: t as u32, logprob: (w[t] / total).ln() }
+    }
+
+    /// Top-p, then min-p, over the sorted candidates (probabilities
+    /// `weight / z`), and a draw from what is left.
+    fn draw_filtered(&mut self, z: f32) -> Sampled {
         let p = &self.params;
-        let mut keep = probs.len();
+        let cands = &self.cands;
+        let mut keep = cands.len();
         if p.top_p < 1.0 {
             let mut cum = 0.0;
-            for (i, pr) in probs.iter().enumerate() {
-                cum += pr;
+            for (i, c) in cands.iter().enumerate() {
+                cum += c.1 / z;
                 if cum >= p.top_p {
                     keep = i + 1;
                     break;
@@ -127,17 +201,17 @@ impl Sampler {
             }
         }
         if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&v| v >= floor).count().max(1));
+            let floor = cands[0].1 * p.min_p;
+            keep = keep.min(cands.iter().take_while(|c| c.1 >= floor).count().max(1));
         }
-        probs.truncate(keep);
-        let sum: f32 = probs.iter().sum();
+        let kept = &cands[..keep];
+        let sum: f32 = kept.iter().map(|c| c.1).sum();
         let mut r = self.rng.next_f32() * sum;
-        for (i, pr) in probs.iter().enumerate() {
-            if r < *pr || i + 1 == keep {
-                return Sampled { token: cands[i].0, logprob: (pr / sum).ln() };
+        for (i, c) in kept.iter().enumerate() {
+            if r < c.1 || i + 1 == keep {
+                return Sampled { token: c.0, logprob: (c.1 / sum).ln() };
             }
-            r -= pr;
+            r -= c.1;
         }
         unreachable!("keep >= 1")
     }
@@ -145,16 +219,19 @@ impl Sampler {
 
 /// `log softmax(logits)[token]`.
 pub fn log_prob(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    let max = max_logit(logits);
+    let mut sum = 0f32;
+    // A block at a time on the stack: no vocabulary-sized buffer per call.
+    let mut buf = [0f32; 1024];
+    for c in logits.chunks(buf.len()) {
+        sum += exp_scaled(c, max, 1.0, &mut buf[..c.len()]);
+    }
     logits[token as usize] - max - sum.ln()
 }
 
-/// The first index of the largest logit (NaNs never win; 0 when all are
-/// NaN). Two passes, a 16-lane max then a search, so both vectorize: the
-/// one-pass running argmax was ~40 us per row of SmolLM2's 49152 logits,
-/// a tenth of what each extra agent adds to a batched decode step.
-pub fn argmax(logits: &[f32]) -> u32 {
+/// The largest logit, NaNs skipped (-inf when there is none): a 16-lane
+/// max, which vectorizes.
+fn max_logit(logits: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut chunks = logits.chunks_exact(16);
     for c in &mut chunks {
@@ -162,20 +239,28 @@ pub fn argmax(logits: &[f32]) -> u32 {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
-/// The `k` largest logits as `(token, logit)`, sorted descending, ties by id.
-fn top_candidates(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if k < all.len() {
-        all.select_nth_unstable_by(k - 1, cmp);
-        all.truncate(k);
+/// Sum in 16 lanes (vectorizes; a running sum is one dependent chain).
+fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in lanes.iter_mut().zip(c) {
+            *a += v;
+        }
     }
-    all.sort_unstable_by(cmp);
-    all
+    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
+}
+
+/// The first index of the largest logit (NaNs never win; 0 when all are
+/// NaN). Two passes, a 16-lane max then a search, so both vectorize: the
+/// one-pass running argmax was ~40 us per row of SmolLM2's 49152 logits,
+/// a tenth of what each extra agent adds to a batched decode step.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let max = max_logit(logits);
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -270,5 +355,131 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..Default::default() });
         assert_eq!(s.sample(&mut l, &[0, 2]).token, 1);
         assert!((l[0] - 1.0 / 1.5).abs() < 1e-6 && (l[2] + 1.5).abs() < 1e-6);
+    }
+
+    /// The reference: probabilities of every token after the filters, by a
+    /// full sort of the vocabulary (the order of the filters above).
+    fn reference(l: &[f32], p: &SamplingParams) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        let k = if p.top_k > 0 { p.top_k.min(l.len()) } else { l.len() };
+        let max = l[idx[0]] as f64;
+        let w: Vec<f64> = idx[..k].iter().map(|&i| ((l[i] as f64 - max) / p.temperature as f64).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let mut keep = k;
+        let mut cum = 0.0;
+        for (i, wi) in w.iter().enumerate() {
+            cum += wi / z;
+            if p.top_p < 1.0 && cum >= p.top_p as f64 - 1e-6 {
+                keep = i + 1;
+                break;
+            }
+        }
+        if p.min_p > 0.0 {
+            keep = keep.min(w.iter().take_while(|&&v| v >= w[0] * p.min_p as f64).count());
+        }
+        let kept: f64 = w[..keep].iter().sum();
+        let mut probs = vec![0.0; l.len()];
+        for (j, &i) in idx[..keep].iter().enumerate() {
+            probs[i] = w[j] / kept;
+        }
+        probs
+    }
+
+    /// Draws against the reference: no token outside it, and the
+    /// frequency of every token within 5 standard deviations of its
+    /// probability (plus a small slack for rounding at the cut).
+    fn check_against_reference(l: &[f32], p: SamplingParams, draws: usize) {
+        let want = reference(l, &p);
+        let mut s = Sampler::new(p.clone());
+        let mut counts = vec![0usize; l.len()];
+        for _ in 0..draws {
+            let got = s.sample(&mut l.to_vec(), &[]);
+            assert!(want[got.token as usize] > 0.0, "{p:?}: token {} is filtered out", got.token);
+            let lp = want[got.token as usize].ln();
+            assert!((got.logprob as f64 - lp).abs() < 1e-3, "{p:?}: logprob {} vs {lp}", got.logprob);
+            counts[got.token as usize] += 1;
+        }
+        let within = |c: usize, q: f64| {
+            let (mean, sd) = (q * draws as f64, (q * (1.0 - q) * draws as f64).sqrt());
+            (c as f64 - mean).abs() <= 5.0 * sd + 2.0
+        };
+        for (i, (&c, &q)) in counts.iter().zip(&want).enumerate() {
+            assert!(within(c, q), "{p:?}: token {i} drawn {c}x, expected {:.1}", q * draws as f64);
+        }
+        // The unlikely tokens together (each alone is too rare to check).
+        let tail = |x: f64| x > 0.0 && x < 0.01;
+        let c: usize = counts.iter().zip(&want).filter(|(_, &q)| tail(q)).map(|(c, _)| c).sum();
+        let q: f64 = want.iter().filter(|&&q| tail(q)).sum();
+        assert!(within(c, q), "{p:?}: the tail drawn {c}x, expected {:.1}", q * draws as f64);
+    }
+
+    #[test]
+    fn every_filter_draws_what_a_full_sort_gives() {
+        // A long-tailed vocabulary: a few likely tokens, many unlikely ones
+        // (so the first weight cut does not hold every filter's keep).
+        let n = 5000;
+        let mut l: Vec<f32> = (0..n).map(|i| -((i * 7919 % n) as f32).sqrt() * 0.35).collect();
+        l[4321] = 3.0;
+        l[17] = 2.5;
+        l[99] = f32::NEG_INFINITY;
+        let base = SamplingParams { temperature: 1.0, seed: Some(9), ..Default::default() };
+        let cases = [
+            SamplingParams { ..base.clone() },
+            SamplingParams { temperature: 0.6, ..base.clone() },
+            SamplingParams { temperature: 2.5, top_p: 0.9, ..base.clone() },
+            SamplingParams { top_p: 0.5, ..base.clone() },
+            SamplingParams { top_p: 0.995, ..base.clone() },
+            SamplingParams { top_k: 40, ..base.clone() },
+            SamplingParams { top_k: 3000, temperature: 0.2, ..base.clone() },
+            SamplingParams { min_p: 0.05, ..base.clone() },
+            SamplingParams { min_p: 1e-9, temperature: 3.0, ..base.clone() },
+            SamplingParams { top_k: 200, top_p: 0.8, min_p: 0.01, ..base.clone() },
+        ];
+        for p in cases {
+            check_against_reference(&l, p, 4000);
+        }
+        // One likely token and a long flat tail holding ~5% of the mass,
+        // every tail token far under the first weight cut.
+        let mut l: Vec<f32> = (0..n).map(|i| -11.5 - i as f32 * 1e-4).collect();
+        l[0] = 0.0;
+        let cases = [
+            SamplingParams { top_p: 0.99, ..base.clone() },
+            SamplingParams { top_k: 3000, ..base.clone() },
+            SamplingParams { min_p: 1e-6, ..base.clone() },
+            SamplingParams { ..base.clone() },
+        ];
+        for p in cases {
+            check_against_reference(&l, p, 4000);
+        }
+    }
+
+    #[test]
+    fn a_banned_token_is_never_drawn() {
+        // Every token but one is banned; any filter must pick that one.
+        let mut l = vec![f32::NEG_INFINITY; 3000];
+        l[2999] = -5.0;
+        for p in [
+            SamplingParams { temperature: 1.0, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_k: 50, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_p: 0.3, ..Default::default() },
+        ] {
+            let mut s = Sampler::new(SamplingParams { seed: Some(1), ..p });
+            for _ in 0..50 {
+                let got = s.sample(&mut l.clone(), &[]);
+                assert_eq!((got.token, got.logprob), (2999, 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn log_prob_is_the_log_softmax() {
+        let l: Vec<f32> = (0..3001).map(|i| (i as f32 * 0.013).cos() * 4.0).collect();
+        let max = l.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+        let z: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for t in [0u32, 1234, 3000] {
+            let want = l[t as usize] as f64 - max - z.ln();
+            assert!((log_prob(&l, t) as f64 - want).abs() < 1e-4);
+        }
     }
 }
