@@ -155,6 +155,8 @@ pub struct Engine {
     salt: u64,
     pace: Pace,
     tiers: Option<Tiers>,
+    /// The step's logits, kept from step to step (see `forward_into`).
+    logits: Vec<f32>,
 }
 
 /// Running estimates of step costs, to size prefill chunks next to decodes:
@@ -270,6 +272,7 @@ impl Engine {
             salt: cfg.hash_salt,
             pace: Pace { factor: cfg.mixed_step_factor, ..Pace::default() },
             tiers,
+            logits: Vec::new(),
         })
     }
 
@@ -510,11 +513,12 @@ impl Engine {
             sample.push(last);
         }
         let fwd_start = Instant::now();
-        let fwd = self.model.forward(&plan, &mut self.pool);
+        let mut logits = std::mem::take(&mut self.logits);
+        let fwd = self.model.forward_into(&plan, &mut self.pool, &mut logits);
         let fwd_ms = fwd_start.elapsed().as_secs_f64() * 1e3;
         let plan_ms = (fwd_start - started).as_secs_f64() * 1e3;
         match fwd {
-            Ok(logits) => self.after_forward(&schedule.work, &sample, logits),
+            Ok(()) => self.after_forward(&schedule.work, &sample, &mut logits),
             Err(e) => {
                 tracing::error!("forward failed: {e}");
                 for p in &schedule.work {
@@ -522,6 +526,7 @@ impl Engine {
                 }
             }
         }
+        self.logits = logits;
         step.time = started.elapsed();
         tracing::trace!(
             decodes = step.decode_tokens,
@@ -540,7 +545,7 @@ impl Engine {
         true
     }
 
-    fn after_forward(&mut self, work: &[Planned], sample: &[bool], mut logits: Vec<f32>) {
+    fn after_forward(&mut self, work: &[Planned], sample: &[bool], logits: &mut [f32]) {
         let vocab = self.model.config().vocab_size;
         let mut rows = logits.chunks_exact_mut(vocab);
         let bs = self.pool.layout().block_size;
