@@ -32,7 +32,7 @@ fn main() {
             user: p.user.clone(),
             max_tokens: n,
             ignore_eos: true,
-            slot: None,
+            ..ChatCall::default()
         };
         let client = &target.client;
         let (t, p0, p1) = std::thread::scope(|sc| {

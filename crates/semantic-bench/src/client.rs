@@ -39,6 +39,10 @@ pub struct ChatCall {
     pub ignore_eos: bool,
     /// llama.cpp only: run on this slot.
     pub slot: Option<usize>,
+    /// Send no `temperature`, so the server's API default applies (1 for
+    /// OpenAI's API: random sampling over the whole vocabulary); else
+    /// greedy (`temperature` 0), which benchmarks compare across runs.
+    pub default_sampling: bool,
 }
 
 /// What one streamed completion measured, client side.
@@ -162,6 +166,9 @@ impl Client {
         if let Some(slot) = call.slot {
             body["id_slot"] = json!(slot);
         }
+        if call.default_sampling {
+            body.as_object_mut().expect("a JSON object").remove("temperature");
+        }
         body
     }
 
@@ -236,5 +243,13 @@ mod tests {
         let body = Client::chat_body(&ChatCall { slot: Some(2), ..call });
         assert_eq!(body["id_slot"], 2);
         assert_eq!(body["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn default_sampling_leaves_the_temperature_to_the_server() {
+        let call = ChatCall { max_tokens: 4, ..ChatCall::default() };
+        assert_eq!(Client::chat_body(&call)["temperature"], 0);
+        let body = Client::chat_body(&ChatCall { default_sampling: true, ..call });
+        assert!(body.get("temperature").is_none(), "{body}");
     }
 }

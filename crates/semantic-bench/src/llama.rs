@@ -140,6 +140,7 @@ fn chat(client: &Client, p: &Prompt, gen: usize, slot: usize) -> Result<ChatTimi
         max_tokens: gen,
         ignore_eos: true,
         slot: Some(slot),
+        default_sampling: false,
     };
     Ok(client.chat(&call)?)
 }

@@ -172,11 +172,24 @@ fn batching_section(r: &Results) -> String {
             ]
         })
         .collect();
+    let sampling: Vec<Vec<String>> = sorted(r, Group::Batching, "api_default_sampling")
+        .into_iter()
+        .map(|x| {
+            vec![
+                x.server.clone(),
+                x.param_u64("agents").unwrap_or(0).to_string(),
+                cell(Some(x), "greedy_tok_s", 1),
+                cell(Some(x), "default_tok_s", 1),
+                cell(Some(x), "default_over_greedy_x", 2),
+            ]
+        })
+        .collect();
     format!(
-        "\n## {}\n\n![throughput vs agents]({THROUGHPUT_SVG})\n\n{}\n### Inter-token latency of one agent while another prefills\n\n{}",
+        "\n## {}\n\n![throughput vs agents]({THROUGHPUT_SVG})\n\n{}\n### Inter-token latency of one agent while another prefills\n\n{}\n### Sampling as clients send it\n\nNo `temperature` in the request: the API default (1, the whole vocabulary) against greedy, same agents, interleaved.\n\n{}",
         Group::Batching.title(),
         table(&heads, &rows),
-        table(&["server", "prefill tokens", "ITL p50 alone ms", "ITL p50 during ms", "ITL p99 during ms", "p99 during / p50 alone"], &itl)
+        table(&["server", "prefill tokens", "ITL p50 alone ms", "ITL p50 during ms", "ITL p99 during ms", "p99 during / p50 alone"], &itl),
+        table(&["server", "agents", "greedy tok/s", "default sampling tok/s", "default / greedy"], &sampling)
     )
 }
 

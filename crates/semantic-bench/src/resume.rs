@@ -173,7 +173,7 @@ pub(crate) fn chat(client: &Client, id: Option<&str>, p: &Prompt, gen: usize) ->
         user: p.user.clone(),
         max_tokens: gen,
         ignore_eos: true,
-        slot: None,
+        ..ChatCall::default()
     };
     Ok(client.chat(&call)?)
 }

@@ -300,7 +300,8 @@ impl Suite {
     pub fn throughput_comparison(&mut self) -> Result<Vec<Record>, BenchError> {
         let target = self.target()?;
         let per_server = (self.plan.agents.len() * self.plan.batch_prompts.len() + 1) * self.plan.batch_reps;
-        self.progress.stage("batching", (per_server * (1 + usize::from(self.llama().is_some()))) as u64);
+        let sampling = 2 * self.plan.batch_reps;
+        self.progress.stage("batching", (per_server * (1 + usize::from(self.llama().is_some())) + sampling) as u64);
         let mut out = Vec::new();
         {
             let mut ctx = ctx!(self);
@@ -311,6 +312,7 @@ impl Suite {
             }
             batching::add_speedups(&mut out, &target.name);
             out.push(batching::itl_record(&mut ctx, &target)?);
+            out.push(batching::sampling_record(&mut ctx, &target)?);
         }
         out.extend(self.compare("batching", |s, l| l.batching(&mut ctx!(s))).unwrap_or_default());
         out.extend(self.compare("inter-token latency", |s, l| l.itl(&mut ctx!(s))));
