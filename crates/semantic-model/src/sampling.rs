@@ -111,7 +111,7 @@ impl Sampler {
         let max = max_logit(logits);
         // Greedy, or nothing to weigh (every logit -inf or NaN, or an inf).
         if p.is_greedy() || !max.is_finite() {
-            return Sampled { token: argmax(logits), logprob: 0.0 };
+            return Sampled { token: first_of(logits, max), logprob: 0.0 };
         }
         let n = logits.len();
         self.weights.resize(n, 0.0);
@@ -259,7 +259,11 @@ fn sum(x: &[f32]) -> f32 {
 /// one-pass running argmax was ~40 us per row of SmolLM2's 49152 logits,
 /// a tenth of what each extra agent adds to a batched decode step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let max = max_logit(logits);
+    first_of(logits, max_logit(logits))
+}
+
+/// The first index holding `max` (0 when none does).
+fn first_of(logits: &[f32], max: f32) -> u32 {
     logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
