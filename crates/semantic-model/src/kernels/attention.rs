@@ -491,51 +491,29 @@ mod simd {
         /// [`Lanes::weighted_direct`]; a span's 16 KiB stay in L1 for the
         /// tile's other queries) rather than through the f32 scratch.
         const DIRECT: bool = false;
-        /// [`Lanes::scores`] with the span's 4 key runs (`[64][16]` f16) in
-        /// the pool; runs past the span's blocks repeat the first.
-        unsafe fn scores_direct(
-            _q: &[f32],
-            _k: &[*const f16; 4],
-            _next: &[*const f16; 4],
-            _n: usize,
-            _scale: f32,
-            _out: &mut [[f32; SPAN]],
-            _maxes: &mut [f32],
-        ) {
-            unreachable!("no direct path")
-        }
-        /// [`Lanes::scores_direct`] for two queries at once (`n[i]` keys
-        /// each), the keys converted once for both.
+        /// [`Lanes::scores`] for `Q` queries (`n[i]` keys each) with the
+        /// span's 4 key runs (`[64][16]` f16) in the pool, each key vector
+        /// converted once for all of them; runs past the span's blocks
+        /// repeat the first.
         #[allow(clippy::too_many_arguments)]
-        unsafe fn scores_direct2(
-            _q: [&[f32]; 2],
+        unsafe fn scores_direct<const Q: usize>(
+            _q: [&[f32]; Q],
             _k: &[*const f16; 4],
             _next: &[*const f16; 4],
-            _n: [usize; 2],
+            _n: [usize; Q],
             _scale: f32,
-            _out: [&mut [[f32; SPAN]]; 2],
-            _maxes: [&mut [f32]; 2],
+            _out: [&mut [[f32; SPAN]]; Q],
+            _maxes: [&mut [f32]; Q],
         ) {
             unreachable!("no direct path")
         }
-        /// [`Lanes::weighted_direct`] for two queries over the first `n`
-        /// keys (weights past a query's own keys must be 0).
-        unsafe fn weighted_direct2(
-            _acc: [&mut [f32]; 2],
-            _c: [&[f32]; 2],
-            _p: [&[[f32; SPAN]]; 2],
-            _n: usize,
-            _v: &[*const f16; 4],
-            _next: &[*const f16; 4],
-        ) {
-            unreachable!("no direct path")
-        }
-        /// [`Lanes::weighted_sums`] with the span's value runs (`[16][64]`
-        /// f16) in the pool.
-        unsafe fn weighted_direct(
-            _acc: &mut [f32],
-            _c: &[f32],
-            _p: &[[f32; SPAN]],
+        /// [`Lanes::weighted_sums`] for `Q` queries over the first `n` keys
+        /// (weights past a query's own keys must be 0), with the span's
+        /// value runs (`[16][64]` f16) in the pool.
+        unsafe fn weighted_direct<const Q: usize>(
+            _acc: [&mut [f32]; Q],
+            _c: [&[f32]; Q],
+            _p: [&[[f32; SPAN]]; Q],
             _n: usize,
             _v: &[*const f16; 4],
             _next: &[*const f16; 4],
@@ -699,53 +677,28 @@ mod simd {
         const DIRECT: bool = true;
 
         #[inline(always)]
-        unsafe fn scores_direct(
-            q: &[f32],
+        unsafe fn scores_direct<const Q: usize>(
+            q: [&[f32]; Q],
             k: &[*const f16; 4],
             next: &[*const f16; 4],
-            n: usize,
+            n: [usize; Q],
             scale: f32,
-            out: &mut [[f32; SPAN]],
-            maxes: &mut [f32],
+            out: [&mut [[f32; SPAN]]; Q],
+            maxes: [&mut [f32]; Q],
         ) {
-            scores_direct_q::<1>([q], k, next, [n], scale, [out], [maxes])
+            scores_direct_q::<Q>(q, k, next, n, scale, out, maxes)
         }
 
         #[inline(always)]
-        unsafe fn weighted_direct(
-            acc: &mut [f32],
-            c: &[f32],
-            p: &[[f32; SPAN]],
+        unsafe fn weighted_direct<const Q: usize>(
+            acc: [&mut [f32]; Q],
+            c: [&[f32]; Q],
+            p: [&[[f32; SPAN]]; Q],
             n: usize,
             v: &[*const f16; 4],
             next: &[*const f16; 4],
         ) {
-            weighted_direct_q::<1>([acc], [c], [p], n, v, next)
-        }
-
-        #[inline(always)]
-        unsafe fn scores_direct2(
-            q: [&[f32]; 2],
-            k: &[*const f16; 4],
-            next: &[*const f16; 4],
-            n: [usize; 2],
-            scale: f32,
-            out: [&mut [[f32; SPAN]]; 2],
-            maxes: [&mut [f32]; 2],
-        ) {
-            scores_direct_q::<2>(q, k, next, n, scale, out, maxes)
-        }
-
-        #[inline(always)]
-        unsafe fn weighted_direct2(
-            acc: [&mut [f32]; 2],
-            c: [&[f32]; 2],
-            p: [&[[f32; SPAN]]; 2],
-            n: usize,
-            v: &[*const f16; 4],
-            next: &[*const f16; 4],
-        ) {
-            weighted_direct_q::<2>(acc, c, p, n, v, next)
+            weighted_direct_q::<Q>(acc, c, p, n, v, next)
         }
 
         #[inline(always)]
@@ -1306,7 +1259,7 @@ mod simd {
                 if direct && t + 1 < nt {
                     let nn1 = (limit(t + 1) - first).min(n);
                     let q1 = &tile.q[tile.rows[t + 1]..tile.rows[t + 1] + tile.len];
-                    L::scores_direct2(
+                    L::scores_direct::<2>(
                         [q, q1],
                         &kr,
                         kn,
@@ -1322,7 +1275,7 @@ mod simd {
                         sh[nn..nn1].fill(0.0);
                     }
                     let (a, b) = outs.split_at_mut(t + 1);
-                    L::weighted_direct2(
+                    L::weighted_direct::<2>(
                         [&mut *a[t], &mut *b[0]],
                         [&c0[..group], &c1[..group]],
                         [&scores[..group], &scores2[..group]],
@@ -1334,13 +1287,21 @@ mod simd {
                     continue;
                 }
                 if direct {
-                    L::scores_direct(q, &kr, kn, nn, shape.scale, &mut scores[..group], &mut maxes[..group]);
+                    L::scores_direct::<1>(
+                        [q],
+                        &kr,
+                        kn,
+                        [nn],
+                        shape.scale,
+                        [&mut scores[..group]],
+                        [&mut maxes[..group]],
+                    );
                 } else {
                     L::scores(q, hd, kbuf, nn, shape.scale, &mut scores[..group], &mut maxes[..group]);
                 }
                 let rescale = softmax_update::<L>(&mut m[t], &mut l[t], &mut scores[..group], &maxes, nn);
                 if direct {
-                    L::weighted_direct(outs[t], &rescale[..group], &scores[..group], nn, &vr, vn);
+                    L::weighted_direct::<1>([&mut *outs[t]], [&rescale[..group]], [&scores[..group]], nn, &vr, vn);
                 } else {
                     L::weighted_sums(outs[t], hd, &rescale[..group], &scores[..group], nn, vbuf);
                 }
