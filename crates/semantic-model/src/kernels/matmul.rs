@@ -199,18 +199,21 @@ pub(crate) type Path = Option<avx2::Dot>;
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) type Path = Option<()>;
 
+/// The best path of this CPU, detected once.
 fn best_path() -> Path {
-    #[cfg(target_arch = "x86_64")]
-    if super::simd_available() {
-        return Some(avx2::detect());
-    }
-    None
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd_available() {
+            return Some(avx2::detect());
+        }
+        None
+    })
 }
 
 /// `y[b * w.rows() + n] = dot(W[n], x[b])` for the `n_x` quantized rows of `x`.
 pub fn qmatmul(w: &QMatrix, x: &[BlockQ8A], out: &mut [f32]) {
-    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-    qmatmul_on(*PATH.get_or_init(best_path), w, x, out)
+    qmatmul_on(best_path(), w, x, out)
 }
 
 /// Groups per task and number of tasks of a matmul of `w` against `n_x`
@@ -268,8 +271,7 @@ pub(crate) fn qmatmul_on(path: Path, w: &QMatrix, x: &[BlockQ8A], out: &mut [f32
 ///   5 rows 3.26 -> 3.33, 1 row 2.22 -> 2.12, 512-token prefill 129.9 ->
 ///   131.4 ms).
 pub fn qmatmul_swiglu(w: &QMatrix, x: &[BlockQ8A], act: &mut [f32], act_q: &mut [BlockQ8A]) {
-    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-    qmatmul_swiglu_on(*PATH.get_or_init(best_path), w, x, act, act_q)
+    qmatmul_swiglu_on(best_path(), w, x, act, act_q)
 }
 
 /// Whether [`qmatmul_swiglu`] takes `w`: its halves are whole blocks of 32
