@@ -54,18 +54,14 @@ fn run_batch_with(
     sessions: &[String],
     default_sampling: bool,
 ) -> Result<BatchRun, BenchError> {
+    let calls: Vec<ChatCall> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ChatCall { default_sampling, ..call(p, sessions.get(i).cloned(), gen) })
+        .collect();
     let start = Instant::now();
-    let results: Vec<Result<ChatTiming, _>> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let c = ChatCall { default_sampling, ..call(p, sessions.get(i).cloned(), gen) };
-                s.spawn(move || client.chat(&c))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("agent thread")).collect()
-    });
+    // One client thread for all agents (see `mux`).
+    let results = client.chat_all(&calls);
     let wall = start.elapsed();
     let timings: Vec<ChatTiming> = results.into_iter().collect::<Result<_, _>>()?;
     let generated: usize = timings.iter().map(ChatTiming::generated).sum();

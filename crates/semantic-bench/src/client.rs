@@ -149,7 +149,7 @@ impl Client {
         resp.into_json().map_err(|e| ClientError::Protocol { url, msg: e.to_string() })
     }
 
-    fn chat_body(call: &ChatCall) -> Value {
+    pub(crate) fn chat_body(call: &ChatCall) -> Value {
         let mut body = json!({
             "model": "default",
             "messages": [
@@ -179,42 +179,67 @@ impl Client {
         if let Some(s) = &call.session {
             req = req.set("X-Session-ID", s);
         }
-        let start = Instant::now();
+        let mut timer = StreamTimer::new(Instant::now());
         let resp = req.send_json(Self::chat_body(call)).map_err(|e| http_error(&url, e))?;
-        let mut t = ChatTiming { started: Some(start), ..ChatTiming::default() };
-        let mut last: Option<Instant> = None;
         let protocol = |msg: String| ClientError::Protocol { url: url.clone(), msg };
         for line in BufReader::new(resp.into_reader()).lines() {
             let line = line.map_err(|e| protocol(e.to_string()))?;
-            let Some(data) = line.strip_prefix("data: ") else {
-                continue;
-            };
-            if data.trim() == "[DONE]" {
+            if timer.line(&line).map_err(protocol)? {
                 break;
             }
-            let v: Value = serde_json::from_str(data).map_err(|e| protocol(e.to_string()))?;
-            if let Some(err) = v.get("error") {
-                return Err(protocol(format!("error event: {err}")));
-            }
-            if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
-                let now = Instant::now();
-                match last {
-                    None => t.ttft = now - start,
-                    Some(prev) => t.gaps.push(now - prev),
-                }
-                last = Some(now);
-            }
-            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                t.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                t.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-                t.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize;
-            }
         }
-        t.total = start.elapsed();
-        if last.is_none() {
-            t.ttft = t.total;
+        Ok(timer.finish())
+    }
+}
+
+/// Times a chat stream from its server-sent-event lines.
+pub(crate) struct StreamTimer {
+    start: Instant,
+    t: ChatTiming,
+    last: Option<Instant>,
+}
+
+impl StreamTimer {
+    /// `start`: when the request was sent.
+    pub(crate) fn new(start: Instant) -> Self {
+        StreamTimer { start, t: ChatTiming { started: Some(start), ..ChatTiming::default() }, last: None }
+    }
+
+    /// Takes one line of the stream; true at `[DONE]`.
+    pub(crate) fn line(&mut self, line: &str) -> Result<bool, String> {
+        let Some(data) = line.strip_prefix("data: ") else {
+            return Ok(false);
+        };
+        if data.trim() == "[DONE]" {
+            return Ok(true);
         }
-        Ok(t)
+        let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+        if let Some(err) = v.get("error") {
+            return Err(format!("error event: {err}"));
+        }
+        if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+            let now = Instant::now();
+            match self.last {
+                None => self.t.ttft = now - self.start,
+                Some(prev) => self.t.gaps.push(now - prev),
+            }
+            self.last = Some(now);
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            self.t.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+            self.t.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+            self.t.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize;
+        }
+        Ok(false)
+    }
+
+    /// The timing, the stream having ended.
+    pub(crate) fn finish(mut self) -> ChatTiming {
+        self.t.total = self.start.elapsed();
+        if self.last.is_none() {
+            self.t.ttft = self.t.total;
+        }
+        self.t
     }
 }
 

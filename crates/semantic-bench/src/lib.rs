@@ -26,6 +26,7 @@ pub mod llama;
 pub mod memory;
 pub mod meta;
 pub mod model;
+pub mod mux;
 pub mod report;
 pub mod results;
 pub mod resume;

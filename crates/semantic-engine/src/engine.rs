@@ -517,6 +517,7 @@ impl Engine {
         let fwd = self.model.forward_into(&plan, &mut self.pool, &mut logits);
         let fwd_ms = fwd_start.elapsed().as_secs_f64() * 1e3;
         let plan_ms = (fwd_start - started).as_secs_f64() * 1e3;
+        let after_start = Instant::now();
         match fwd {
             Ok(()) => self.after_forward(&schedule.work, &sample, &mut logits),
             Err(e) => {
@@ -527,6 +528,7 @@ impl Engine {
             }
         }
         self.logits = logits;
+        let after_ms = after_start.elapsed().as_secs_f64() * 1e3;
         step.time = started.elapsed();
         tracing::trace!(
             decodes = step.decode_tokens,
@@ -534,6 +536,7 @@ impl Engine {
             ms = step.time.as_secs_f64() * 1e3,
             fwd_ms,
             plan_ms,
+            after_ms,
             cap = self.pace.prefill_cap(step.decode_tokens.max(1)),
             decode_ms = self.pace.decode_ms(step.decode_tokens.max(1)).unwrap_or(0.0),
             prefill_ms_per_token = self.pace.prefill_ms_per_token.unwrap_or(0.0),
