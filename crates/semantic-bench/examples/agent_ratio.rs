@@ -3,7 +3,8 @@
 //! repetitions) against a running server and prints each count's median
 //! aggregate and its speedup over one agent. With `ITL=1` in the
 //! environment it runs the inter-token latency during a 2K prefill instead
-//! (REPS repetitions).
+//! (REPS repetitions). `NO_AGENTS_API=1` for a server without the agents
+//! API (llama.cpp's).
 
 use semantic_bench::batching;
 use semantic_bench::client::Client;
@@ -18,7 +19,7 @@ fn main() {
     let mut plan = Plan::new(false);
     (plan.batch_reps, plan.batch_gen) = (arg(3, 3), arg(4, 200));
     let client = Client::new(&args[1]);
-    let target = Target { name: "target".into(), client, has_agents_api: true };
+    let target = Target { name: "target".into(), client, has_agents_api: std::env::var_os("NO_AGENTS_API").is_none() };
     let (mut progress, mut seeds) = (StderrProgress::default(), 1_000_000u64);
     let mut ctx = Ctx { model: &model, plan: &plan, progress: &mut progress, seeds: &mut seeds };
     batching::warm_up(&mut ctx, &target).expect("warm-up");

@@ -204,7 +204,8 @@ impl Client {
             .collect();
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            let open: Vec<usize> = (0..conns.len()).filter(|&i| matches!(&conns[i], Ok(c) if c.done.is_none())).collect();
+            let open: Vec<usize> =
+                (0..conns.len()).filter(|&i| matches!(&conns[i], Ok(c) if c.done.is_none())).collect();
             if open.is_empty() {
                 break;
             }
@@ -317,7 +318,8 @@ mod tests {
 
     #[test]
     fn plain_bodies_end_at_eof_and_errors_keep_the_status() {
-        let (mut c, _l) = conn_with(format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n{EVENTS}").as_bytes());
+        let (mut c, _l) =
+            conn_with(format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n{EVENTS}").as_bytes());
         c.feed("u", false);
         assert_eq!(c.done.take().unwrap().unwrap().generated(), 2);
 
