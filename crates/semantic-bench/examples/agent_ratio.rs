@@ -1,7 +1,7 @@
 //! Tuning aid: `cargo run --release -p semantic-bench --example agent_ratio -- URL MODEL [REPS] [GEN] [PROMPT]`
 //! runs the batching throughput sweep (1, 3, 5, 8 agents, interleaved
 //! repetitions) against a running server and prints each count's median
-//! aggregate and its speedup over one agent. With `ITL=1` in the
+//! aggregate and its speedup over one agent. With `GAPS=1` in the
 //! environment it runs the inter-token latency during a 2K prefill instead
 //! (REPS repetitions). `NO_AGENTS_API=1` for a server without the agents
 //! API (llama.cpp's).
