@@ -222,8 +222,10 @@ fn work(job: &Job, me: usize) {
     for k in 0..job.n_lanes {
         let lane = &job.lanes[(me + k) % job.n_lanes];
         // Another lane: look before claiming, so an empty one is not
-        // written to (which would take its line from its owner).
-        if k > 0 && lane.next.load(Relaxed) >= lane.end {
+        // written to (which would take its line from its owner). Acquire,
+        // like a claim: seeing the lane empty means seeing the `busy` flag
+        // of whoever emptied it.
+        if k > 0 && lane.next.load(Acquire) >= lane.end {
             continue;
         }
         loop {
