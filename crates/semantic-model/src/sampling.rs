@@ -169,9 +169,13 @@ impl Sampler {
         for (b, block) in w.chunks(BLOCK).enumerate() {
             let s = sum(block);
             if acc + s > r {
+                // A running sum of its own: when rounding keeps it under `r`
+                // (the block sum is taken in lanes), `acc` moves on by `s`
+                // once, not by the block twice.
+                let mut run = acc;
                 for (i, &v) in block.iter().enumerate() {
-                    acc += v;
-                    if acc > r {
+                    run += v;
+                    if run > r {
                         let t = b * BLOCK + i;
                         return Sampled { token: t as u32, logprob: (v / total).ln() };
                     }
