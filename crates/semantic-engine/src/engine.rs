@@ -254,7 +254,8 @@ impl Engine {
     /// Builds the engine; with `persist`, scans the cache directory (removes
     /// orphaned temp files, quarantines unreadable ones).
     pub fn new(model: LlamaModel, tok: Tokenizer, cfg: &EngineConfig) -> Result<Self, EngineError> {
-        let pool = KvPool::with_budget(model.kv_layout(cfg.block_size), cfg.kv_pool_bytes);
+        let pool = KvPool::try_with_budget(model.kv_layout(cfg.block_size), cfg.kv_pool_bytes)
+            .map_err(|e| EngineError::Setup(format!("KV pool: {e}; lower --kv-pool-mb")))?;
         let tiers = match &cfg.persist {
             Some(p) => Some(Tiers::open(p.clone()).map_err(|e| EngineError::Storage(e.to_string()))?),
             None => None,

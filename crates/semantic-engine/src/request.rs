@@ -83,4 +83,7 @@ pub enum EngineError {
     Storage(String),
     #[error("agent `{0}` has a request in progress")]
     AgentBusy(AgentId),
+    /// The engine could not be built (its K/V pool not allocated).
+    #[error("{0}")]
+    Setup(String),
 }

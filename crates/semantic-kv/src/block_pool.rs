@@ -18,6 +18,9 @@
 use semantic_core::BlockId;
 
 const NIL: u32 = u32::MAX;
+/// One more than the most blocks a pool indexes (ids are `u32`, one kept
+/// for "none").
+pub const MAX_BLOCKS: usize = NIL as usize;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
@@ -44,7 +47,7 @@ pub struct BlockPool {
 
 impl BlockPool {
     pub fn new(n_blocks: usize) -> Self {
-        assert!(n_blocks < NIL as usize, "pool too large");
+        assert!(n_blocks < MAX_BLOCKS, "pool too large");
         let n = n_blocks as u32;
         let meta = (0..n)
             .map(|i| Meta {

@@ -111,6 +111,19 @@ impl KvPool {
         Self::new(layout, bytes / layout.block_bytes())
     }
 
+    /// [`with_budget`](Self::with_budget), or why not: a budget the
+    /// address space or the allocator refuses is an error here, where
+    /// `with_budget` would abort the process.
+    pub fn try_with_budget(layout: KvLayout, bytes: usize) -> Result<Self, String> {
+        let n_blocks = bytes / layout.block_bytes();
+        if n_blocks >= crate::block_pool::MAX_BLOCKS {
+            return Err(format!("{n_blocks} blocks of K/V is more than a pool can index"));
+        }
+        let data = try_zeroed_f16(n_blocks * layout.block_elems())
+            .ok_or_else(|| format!("cannot allocate {} MiB of K/V", (n_blocks * layout.block_bytes()) >> 20))?;
+        Ok(Self { layout, blocks: BlockPool::new(n_blocks), data, prefix: PrefixIndex::new(n_blocks) })
+    }
+
     pub fn layout(&self) -> &KvLayout {
         &self.layout
     }
@@ -416,11 +429,25 @@ unsafe fn transpose8x8(src: *const f16, src_stride: usize, dst: *mut f16, dst_st
 /// writes every element: it made a whole 1 GiB pool resident at start, and
 /// filling an 8K-token cache snapshot stalled the engine for tens of ms).
 pub fn zeroed_f16(n: usize) -> Vec<f16> {
-    let bits: Vec<u16> = vec![0u16; n];
-    let mut bits = std::mem::ManuallyDrop::new(bits);
-    // SAFETY: f16 is a transparent wrapper of u16 with the same layout and
-    // alignment, and every u16 bit pattern is a valid f16 (0 is +0.0).
-    unsafe { Vec::from_raw_parts(bits.as_mut_ptr() as *mut f16, bits.len(), bits.capacity()) }
+    match std::alloc::Layout::array::<f16>(n) {
+        Ok(layout) => try_zeroed_f16(n).unwrap_or_else(|| std::alloc::handle_alloc_error(layout)),
+        Err(_) => panic!("{n} f16 values overflow the address space"),
+    }
+}
+
+/// [`zeroed_f16`], or `None` when the allocation fails.
+fn try_zeroed_f16(n: usize) -> Option<Vec<f16>> {
+    let layout = std::alloc::Layout::array::<f16>(n).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size; a non-null result is `n`
+    // zeroed f16 values (0 is +0.0) allocated with the global allocator and
+    // this layout, which is what `Vec::from_raw_parts` needs.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f16;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
+    }
 }
 
 #[cfg(test)]
@@ -438,6 +465,20 @@ mod tests {
         assert_eq!(l.bytes_per_token() * l.block_size, l.block_bytes());
         let smol = KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_size: 16 };
         assert_eq!(smol.bytes_per_token(), 23_040);
+    }
+
+    #[test]
+    fn budgets_the_machine_refuses_are_errors() {
+        let l = layout();
+        let pool = KvPool::try_with_budget(l, 10 * l.block_bytes()).unwrap();
+        assert_eq!((pool.n_free(), pool.capacity_bytes()), (10, 10 * l.block_bytes()));
+        let err = |l, bytes| KvPool::try_with_budget(l, bytes).err().expect("an error");
+        assert!(err(l, usize::MAX).contains("more than a pool can index"));
+        // Few enough blocks to index, too many bytes to allocate.
+        let wide = KvLayout { n_layers: 1 << 20, n_kv_heads: 1, head_dim: 1024, block_size: 1024 };
+        let e = err(wide, 1 << 62);
+        assert!(e.contains("cannot allocate"), "{e}");
+        assert_eq!(KvPool::try_with_budget(l, 0).map(|p| p.n_free()), Ok(0));
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl From<EngineError> for ApiError {
             EngineError::PoolTooSmall { .. } => ApiError::invalid("max_tokens", message),
             EngineError::Stopped => ApiError::Unavailable(message),
             EngineError::AgentBusy(_) => ApiError::Conflict(message),
-            EngineError::Storage(_) => ApiError::Internal(message),
+            EngineError::Storage(_) | EngineError::Setup(_) => ApiError::Internal(message),
         }
     }
 }

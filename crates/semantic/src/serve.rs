@@ -101,12 +101,29 @@ impl ServeArgs {
             ("--kv-pool-mb", self.kv_pool_mb),
             ("--step-tokens", self.step_tokens),
             ("--max-running", self.max_running),
+            ("--max-waiting", self.max_waiting),
             ("--body-limit-mb", self.body_limit_mb),
         ];
         for (flag, v) in positive {
             if v == 0 {
                 return Err(UsageError(format!("`{flag}` must be at least 1")));
             }
+        }
+        let mib = [
+            ("--kv-pool-mb", self.kv_pool_mb as u64),
+            ("--disk-budget-mb", self.disk_budget_mb),
+            ("--body-limit-mb", self.body_limit_mb as u64),
+        ];
+        for (flag, v) in mib {
+            if v.checked_mul(1 << 20).and_then(|b| usize::try_from(b).ok()).is_none() {
+                return Err(UsageError(format!("`{flag}` {v} MiB is more bytes than this machine can address")));
+            }
+        }
+        if let Some(total) = total_memory_mib().filter(|&t| self.kv_pool_mb > t) {
+            return Err(UsageError(format!(
+                "`--kv-pool-mb` {} is more than this machine's memory ({total} MiB)",
+                self.kv_pool_mb
+            )));
         }
         if let Some(t) = self.threads.filter(|t| !(1..=MAX_THREADS).contains(t)) {
             return Err(UsageError(format!("`--threads` must be between 1 and {MAX_THREADS}, got {t}")));
@@ -152,6 +169,15 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_timeout),
         }
     }
+}
+
+/// Physical memory in MiB (`MemTotal` of `/proc/meminfo`; `None` where
+/// that cannot be read).
+fn total_memory_mib() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb >> 10)
 }
 
 pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
@@ -303,6 +329,37 @@ fn init_logging() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check(flags: &[&str]) -> Result<(), String> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.serve.check().map_err(|e| e.0)
+    }
+
+    #[test]
+    fn sizes_and_counts_out_of_range_are_usage_errors() {
+        assert_eq!(check(&[]), Ok(()));
+        assert_eq!(check(&["--kv-pool-mb", "64", "--max-waiting", "1"]), Ok(()));
+        for (flag, v, says) in [
+            ("--max-waiting", "0", "`--max-waiting` must be at least 1"),
+            ("--step-tokens", "0", "`--step-tokens` must be at least 1"),
+            ("--kv-pool-mb", "99999999999999", "`--kv-pool-mb` 99999999999999 MiB is more bytes"),
+            ("--disk-budget-mb", "99999999999999999", "`--disk-budget-mb`"),
+            ("--body-limit-mb", "99999999999999999", "`--body-limit-mb`"),
+        ] {
+            let err = check(&[flag, v]).unwrap_err();
+            assert!(err.contains(says), "{flag} {v}: {err}");
+        }
+        if let Some(total) = total_memory_mib() {
+            let err = check(&["--kv-pool-mb", &(total + 1).to_string()]).unwrap_err();
+            assert!(err.contains("more than this machine's memory"), "{err}");
+        }
+    }
 
     #[test]
     fn ttls_parse_with_units() {
