@@ -12,6 +12,13 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1.0 disables the penalty.
     pub repetition_penalty: f32,
+    /// OpenAI's penalties (-2 to 2, 0 disables): every token already
+    /// generated loses `presence_penalty` once plus `frequency_penalty` per
+    /// time it was generated, from its logit.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens (-100 to 100) before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: Option<u64>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -25,6 +32,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: None,
             max_tokens: 256,
             stop: Vec::new(),
@@ -42,6 +52,12 @@ pub enum SamplingError {
     MinP(f32),
     #[error("`repetition_penalty` must be > 0 and <= 10, got {0}")]
     RepetitionPenalty(f32),
+    #[error("`presence_penalty` must be between -2 and 2, got {0}")]
+    PresencePenalty(f32),
+    #[error("`frequency_penalty` must be between -2 and 2, got {0}")]
+    FrequencyPenalty(f32),
+    #[error("`logit_bias` values must be between -100 and 100, got {0}")]
+    LogitBias(f32),
     #[error("`max_tokens` must be at least 1, got {0}")]
     MaxTokens(usize),
     #[error("`stop` may hold at most 16 strings of 1 to 256 bytes")]
@@ -66,6 +82,15 @@ impl SamplingParams {
         let rp = self.repetition_penalty;
         if !(rp > 0.0 && rp <= 10.0) {
             return Err(SamplingError::RepetitionPenalty(rp));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
+        if let Some(&(_, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(SamplingError::LogitBias(b));
         }
         if self.max_tokens == 0 {
             return Err(SamplingError::MaxTokens(0));

@@ -460,11 +460,12 @@ impl Engine {
     }
 
     /// Pins (never evicted from disk) or unpins an agent; false when the
-    /// agent has no cache or there is no disk tier.
+    /// agent has no cache (and, to unpin, no pin either) or there is no
+    /// disk tier.
     pub fn set_pinned(&mut self, agent: &AgentId, pinned: bool) -> bool {
         let known = self.agent(agent).is_some();
         match &mut self.tiers {
-            Some(t) if known || !pinned => {
+            Some(t) if known || (!pinned && t.is_pinned(agent)) => {
                 t.set_pinned(agent, pinned);
                 true
             }

@@ -190,6 +190,10 @@ fn the_disk_budget_drops_least_recently_used_files_but_never_pinned_ones() {
     f.ask(Some("a1"), &conversation(0));
     f.wait_saved("a1");
     assert!(f.rt.block_on(f.handle.set_pinned(AgentId::new("a1").unwrap(), true)).unwrap());
+    // An agent with neither a cache nor a pin is not found either way.
+    for pin in [true, false] {
+        assert!(!f.rt.block_on(f.handle.set_pinned(AgentId::new("nobody").unwrap(), pin)).unwrap());
+    }
     for a in ["a2", "a3", "a4"] {
         f.ask(Some(a), &conversation(0));
         f.wait_saved(a);

@@ -58,6 +58,8 @@ pub struct Sampler {
     weights: Vec<f32>,
     /// `(token, weight)` of the tokens the filters may keep, reused.
     cands: Vec<(u32, f32)>,
+    /// How often each token was sampled (presence and frequency penalties).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 /// A sampled token and its log-probability under the final distribution
@@ -80,7 +82,7 @@ impl Sampler {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             t.map(|d| d.as_nanos() as u64).unwrap_or(0)
         });
-        Self { params, rng: Rng::new(seed), weights: Vec::new(), cands: Vec::new() }
+        Self { params, rng: Rng::new(seed), weights: Vec::new(), cands: Vec::new(), counts: Default::default() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -95,7 +97,32 @@ impl Sampler {
     /// candidates above a weight cut that provably holds what they keep
     /// (the top k, the top-p nucleus, the min-p survivors), not the whole
     /// vocabulary.
+    ///
+    /// `logit_bias` is added first; then presence and frequency penalties
+    /// count this sampler's own picks (the generated tokens, as OpenAI and
+    /// vLLM do).
     pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> Sampled {
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        let picked = self.pick(logits, recent);
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(picked.token).or_insert(0) += 1;
+        }
+        picked
+    }
+
+    fn pick(&mut self, logits: &mut [f32], recent: &[u32]) -> Sampled {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let window = &recent[recent.len().saturating_sub(PENALTY_WINDOW)..];
@@ -355,6 +382,28 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!(counts[0] > counts[1] && counts[1] > 500, "{counts:?}");
+    }
+
+    #[test]
+    fn logit_bias_and_openai_penalties_move_the_greedy_pick() {
+        let logits = [1.0f32, 3.0, 2.5, 0.0];
+        let greedy = |p: SamplingParams, steps: usize| {
+            let mut s = Sampler::new(p);
+            (0..steps).map(|_| s.sample(&mut logits.clone(), &[]).token).collect::<Vec<_>>()
+        };
+        assert_eq!(greedy(SamplingParams::default(), 3), [1, 1, 1]);
+        let bias = SamplingParams { logit_bias: vec![(3, 100.0), (1, -100.0)], ..Default::default() };
+        assert_eq!(greedy(bias, 2), [3, 3]);
+        // Token 1 loses 0.6 once picked: 2.4 < 2.5, so token 2 next; then
+        // both are penalized once and 1 leads again.
+        let presence = SamplingParams { presence_penalty: 0.6, ..Default::default() };
+        assert_eq!(greedy(presence, 3), [1, 2, 1]);
+        // Frequency grows with each pick: 3 - 0.3 n against 2.5 - 0.3 m.
+        let frequency = SamplingParams { frequency_penalty: 0.3, ..Default::default() };
+        assert_eq!(greedy(frequency, 4), [1, 1, 2, 1]);
+        // Out-of-vocabulary ids in a bias are ignored here (the API rejects them).
+        let far = SamplingParams { logit_bias: vec![(99, 5.0)], ..Default::default() };
+        assert_eq!(greedy(far, 1), [1]);
     }
 
     #[test]

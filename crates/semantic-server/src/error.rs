@@ -135,6 +135,9 @@ impl From<SamplingError> for ApiError {
             SamplingError::TopP(_) => "top_p",
             SamplingError::MinP(_) => "min_p",
             SamplingError::RepetitionPenalty(_) => "repetition_penalty",
+            SamplingError::PresencePenalty(_) => "presence_penalty",
+            SamplingError::FrequencyPenalty(_) => "frequency_penalty",
+            SamplingError::LogitBias(_) => "logit_bias",
             SamplingError::MaxTokens(_) => "max_tokens",
             SamplingError::Stop => "stop",
         };

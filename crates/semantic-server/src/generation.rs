@@ -56,6 +56,17 @@ pub fn max_new_tokens(
     }
 }
 
+/// 400 when a `logit_bias` key is not a token of the vocabulary.
+pub fn check_logit_bias(params: &SamplingParams, vocab_size: usize) -> Result<(), ApiError> {
+    match params.logit_bias.iter().find(|(t, _)| *t as usize >= vocab_size) {
+        Some((t, _)) => Err(ApiError::invalid(
+            "logit_bias",
+            format!("`logit_bias` names token {t}; the vocabulary has {vocab_size} tokens"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// 400 when the prompt leaves no room for one generated token.
 pub fn check_prompt_fits(prompt_len: usize, context: usize, field: &str) -> Result<(), ApiError> {
     if prompt_len == 0 {

@@ -9,6 +9,8 @@
 
 use serde_json::Value;
 
+use crate::error::ApiError;
+
 pub const OPEN: &str = "<tool_call>";
 pub const CLOSE: &str = "</tool_call>";
 
@@ -26,6 +28,39 @@ pub enum ToolUse {
     Auto,
     Required,
     Named(String),
+}
+
+/// Checks a declared tool's name (`field` names it in the error): 1 to 64
+/// letters, digits, `_` or `-`, as OpenAI and Anthropic require.
+pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let ok =
+        (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(field, format!("`{field}` must be 1 to 64 letters, digits, `_` or `-`, got `{name}`")))
+    }
+}
+
+/// Checks a declared tool's parameter schema: a JSON object.
+pub fn check_schema(field: &str, schema: &Value) -> Result<(), ApiError> {
+    if schema.is_object() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(field, format!("`{field}` must be a JSON Schema object")))
+    }
+}
+
+/// 400 when two declared tools share a name (`field(i)` names the later).
+pub fn check_unique<'a>(names: impl Iterator<Item = &'a str>, field: impl Fn(usize) -> String) -> Result<(), ApiError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, n) in names.enumerate() {
+        if !seen.insert(n) {
+            let f = field(i);
+            return Err(ApiError::invalid(f.clone(), format!("`{f}` is `{n}`, declared twice")));
+        }
+    }
+    Ok(())
 }
 
 /// The system prompt that describes `tools` (OpenAI shape) to a model whose

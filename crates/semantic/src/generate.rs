@@ -82,6 +82,7 @@ pub fn run(home: &Path, a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        ..SamplingParams::default()
     };
     params.validate().map_err(|e| UsageError(e.to_string()))?;
     if a.prompt.is_empty() {

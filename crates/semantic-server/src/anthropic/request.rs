@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::conversation::{Conversation, PastCall, Turn};
 use crate::error::ApiError;
-use crate::tools::ToolUse;
+use crate::tools::{self, ToolUse};
 
 #[derive(Deserialize, Debug)]
 pub struct MessagesRequest {
@@ -75,6 +75,10 @@ pub struct Block {
 
 #[derive(Deserialize, Debug)]
 pub struct ToolSpec {
+    /// Absent or `custom`; Anthropic's server tools (web search, ...) are
+    /// not ours to run.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
     pub name: String,
     pub description: Option<String>,
     pub input_schema: Option<Value>,
@@ -235,15 +239,20 @@ fn message_turns(i: usize, m: &InMessage, turns: &mut Vec<Turn>) -> Result<(), A
 
 /// Anthropic tools in the OpenAI shape the templates expect.
 fn tool_defs(specs: &[ToolSpec]) -> Result<Vec<Value>, ApiError> {
+    tools::check_unique(specs.iter().map(|t| t.name.as_str()), |i| format!("tools[{i}].name"))?;
     specs
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            if t.name.is_empty() {
+            if let Some(k) = t.kind.as_deref().filter(|k| *k != "custom") {
                 return Err(ApiError::invalid(
-                    format!("tools[{i}].name"),
-                    format!("`tools[{i}].name` must not be empty"),
+                    format!("tools[{i}].type"),
+                    format!("`tools[{i}].type` is `{k}`; only custom tools (with `input_schema`) are supported"),
                 ));
+            }
+            tools::check_name(&format!("tools[{i}].name"), &t.name)?;
+            if let Some(s) = &t.input_schema {
+                tools::check_schema(&format!("tools[{i}].input_schema"), s)?;
             }
             let mut f = serde_json::Map::new();
             f.insert("name".into(), Value::String(t.name.clone()));
@@ -260,7 +269,10 @@ fn tool_defs(specs: &[ToolSpec]) -> Result<Vec<Value>, ApiError> {
 
 fn tool_use(choice: Option<&ToolChoice>, tools: &[Value]) -> Result<Option<ToolUse>, ApiError> {
     if tools.is_empty() {
-        return Ok(None);
+        return match choice.map(|c| c.kind.as_str()) {
+            Some("any" | "tool") => Err(ApiError::invalid("tool_choice", "`tool_choice` any or tool requires `tools`")),
+            _ => Ok(None),
+        };
     }
     let Some(c) = choice else {
         return Ok(Some(ToolUse::Auto));

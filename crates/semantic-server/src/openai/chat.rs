@@ -33,6 +33,8 @@ pub async fn chat_completions(
     let logprobs = req.wants_logprobs()?;
     let agent = generation::agent_id(&headers, req.session_id.as_deref())?;
     let rt = state.runtime()?;
+    generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;
+    generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;
     let (messages, tools) = conv.template_input(rt.template_knows_tools());
     let prompt = {
         let rt = Arc::clone(&rt);

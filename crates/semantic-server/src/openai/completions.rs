@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -19,6 +19,9 @@ use crate::error::{ApiError, OpenAiError};
 use crate::generation::{self, GenToken, Generation, Prepared};
 use crate::sse;
 use crate::state::{AppState, Runtime};
+
+/// `max_tokens` of a completion that does not set it.
+pub const COMPLETION_DEFAULT_MAX_TOKENS: i64 = 16;
 
 pub async fn completions(
     State(state): State<AppState>,
@@ -35,13 +38,17 @@ pub async fn completions(
     let mut params = req.sampling().params()?;
     let agent = generation::agent_id(&headers, req.session_id.as_deref())?;
     let rt = state.runtime()?;
+    generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;
     let prompt = {
         let rt = Arc::clone(&rt);
         generation::blocking(move || rt.encode(&text)).await?
     };
     generation::check_prompt_fits(prompt.len(), rt.context_length, "prompt")?;
+    // OpenAI's default for this endpoint (vLLM's too): 16 tokens, where
+    // chat fills the context.
+    let max = Some(req.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS));
     params.max_tokens =
-        generation::max_new_tokens(req.max_tokens, "max_tokens", prompt.len(), rt.context_length, rt.sequence_limit)?;
+        generation::max_new_tokens(max, "max_tokens", prompt.len(), rt.context_length, rt.sequence_limit)?;
     let p = Prepared {
         id,
         agent,
@@ -140,16 +147,24 @@ impl TextStream {
 
 pub async fn models(State(state): State<AppState>) -> Result<Response, OpenAiError> {
     let rt = state.runtime()?;
-    let info = rt.engine.model_info();
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": rt.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "semantic",
-            "context_length": info.context_length,
-        }],
-    }))
-    .into_response())
+    Ok(Json(json!({"object": "list", "data": [model_object(&rt)]})).into_response())
+}
+
+/// `GET /v1/models/{id}`: the served model, by its name (or `default`).
+pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, OpenAiError> {
+    let rt = state.runtime()?;
+    if id != rt.model_name && id != "default" {
+        return Err(ApiError::NotFound(format!("model `{id}` is not served here; `{}` is", rt.model_name)).into());
+    }
+    Ok(Json(model_object(&rt)).into_response())
+}
+
+fn model_object(rt: &Runtime) -> serde_json::Value {
+    json!({
+        "id": rt.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "semantic",
+        "context_length": rt.engine.model_info().context_length,
+    })
 }

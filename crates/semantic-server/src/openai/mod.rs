@@ -9,4 +9,4 @@ pub mod request;
 pub mod response;
 
 pub use chat::chat_completions;
-pub use completions::{completions, models};
+pub use completions::{completions, model, models};

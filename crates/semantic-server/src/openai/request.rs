@@ -2,13 +2,15 @@
 //! [`SamplingParams`]. Unknown fields are ignored (clients send many);
 //! fields we cannot honour are rejected by name.
 
+use std::collections::HashMap;
+
 use semantic_core::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::conversation::{Conversation, PastCall, Turn};
 use crate::error::ApiError;
-use crate::tools::ToolUse;
+use crate::tools::{self, ToolUse};
 
 #[derive(Deserialize, Debug)]
 pub struct ChatRequest {
@@ -22,12 +24,20 @@ pub struct ChatRequest {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
     pub seed: Option<i64>,
     pub stop: Option<StopSpec>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub tools: Option<Vec<ToolSpec>>,
+    /// Accepted as a flag; several calls in one reply are returned either
+    /// way when the model makes them.
+    #[allow(dead_code)]
+    pub parallel_tool_calls: Option<bool>,
+    pub modalities: Option<Vec<String>>,
     pub tool_choice: Option<ToolChoice>,
     pub response_format: Option<ResponseFormat>,
     pub logprobs: Option<bool>,
@@ -48,6 +58,10 @@ pub struct CompletionRequest {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub best_of: Option<i64>,
     /// Extension: keep generating through end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
     pub seed: Option<i64>,
@@ -71,6 +85,9 @@ pub struct Sampling<'a> {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<&'a HashMap<String, f32>>,
     pub seed: Option<i64>,
     pub stop: Option<&'a StopSpec>,
 }
@@ -83,6 +100,9 @@ macro_rules! sampling_of {
             top_k: $r.top_k,
             min_p: $r.min_p,
             repetition_penalty: $r.repetition_penalty,
+            presence_penalty: $r.presence_penalty,
+            frequency_penalty: $r.frequency_penalty,
+            logit_bias: $r.logit_bias.as_ref(),
             seed: $r.seed,
             stop: $r.stop.as_ref(),
         }
@@ -198,16 +218,29 @@ impl Sampling<'_> {
             Some(StopSpec::Many(v)) => v.clone(),
         };
         let top_k = match self.top_k {
-            None => 0,
-            Some(k) if k < 0 => 0, // -1 disables top-k in vLLM
+            None | Some(-1) => 0, // -1 disables top-k in vLLM
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid("top_k", format!("`top_k` must be -1 (off), 0 (off) or more, got {k}")))
+            }
             Some(k) => k as usize,
         };
+        let mut logit_bias = Vec::new();
+        for (k, &b) in self.logit_bias.into_iter().flatten() {
+            let t = k.parse::<u32>().map_err(|_| {
+                ApiError::invalid("logit_bias", format!("`logit_bias` keys must be token ids, got `{k}`"))
+            })?;
+            logit_bias.push((t, b));
+        }
+        logit_bias.sort_by_key(|&(t, _)| t);
         let p = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_k,
             top_p: self.top_p.unwrap_or(1.0),
             min_p: self.min_p.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            logit_bias,
             seed: self.seed.map(|s| s as u64),
             max_tokens: 1,
             stop,
@@ -236,6 +269,9 @@ impl ChatRequest {
             return Err(ApiError::invalid("messages", "`messages` must not be empty"));
         }
         let turns = self.messages.iter().enumerate().map(|(i, m)| turn(i, m)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(m) = self.modalities.iter().flatten().find(|m| *m != "text") {
+            return Err(ApiError::invalid("modalities", format!("`modalities` may only hold `text`, got `{m}`")));
+        }
         let tools = tool_defs(self.tools.as_deref().unwrap_or_default())?;
         let tool_use = tool_use(self.tool_choice.as_ref(), &tools)?;
         if let Some(f) = &self.response_format {
@@ -267,9 +303,18 @@ fn turn(i: usize, m: &InMessage) -> Result<Turn, ApiError> {
     let field = |f: &str| format!("messages[{i}].{f}");
     let content = match &m.content {
         Some(c) => text_of(c, &field("content"))?,
-        None if m.role == Role::Assistant => String::new(),
+        None if m.role == Role::Assistant && m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) => String::new(),
+        None if m.role == Role::Assistant => {
+            return Err(ApiError::invalid(
+                field("content"),
+                format!("`{}` is required when the message has no `tool_calls`", field("content")),
+            ))
+        }
         None => return Err(ApiError::invalid(field("content"), format!("`{}` is required", field("content")))),
     };
+    if m.role == Role::Tool && m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::invalid(field("tool_call_id"), format!("`{}` is required", field("tool_call_id"))));
+    }
     let role = match m.role {
         Role::System | Role::Developer => "system",
         Role::User => "user",
@@ -319,6 +364,7 @@ fn text_of(c: &Content, field: &str) -> Result<String, ApiError> {
 }
 
 fn tool_defs(specs: &[ToolSpec]) -> Result<Vec<Value>, ApiError> {
+    tools::check_unique(specs.iter().map(|t| t.function.name.as_str()), |i| format!("tools[{i}].function.name"))?;
     specs
         .iter()
         .enumerate()
@@ -329,11 +375,9 @@ fn tool_defs(specs: &[ToolSpec]) -> Result<Vec<Value>, ApiError> {
                     format!("`tools[{i}].type` is `{}`; only `function` is supported", t.kind),
                 ));
             }
-            if t.function.name.is_empty() {
-                return Err(ApiError::invalid(
-                    format!("tools[{i}].function.name"),
-                    format!("`tools[{i}].function.name` must not be empty"),
-                ));
+            tools::check_name(&format!("tools[{i}].function.name"), &t.function.name)?;
+            if let Some(p) = &t.function.parameters {
+                tools::check_schema(&format!("tools[{i}].function.parameters"), p)?;
             }
             let mut f = serde_json::Map::new();
             f.insert("name".into(), Value::String(t.function.name.clone()));
@@ -430,6 +474,12 @@ impl CompletionRequest {
 
     pub fn check_unsupported(&self) -> Result<(), ApiError> {
         check_n(self.n)?;
+        if let Some(b) = self.best_of.filter(|&b| b != 1) {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("`best_of` must be 1 (one completion per request), got {b}"),
+            ));
+        }
         if self.echo == Some(true) {
             return Err(ApiError::invalid("echo", "`echo` is not supported"));
         }

@@ -74,6 +74,34 @@ fn openai_chat_rejects_bad_input_by_field() {
         (json!({"messages": msgs(), "tools": [{"type": "retrieval", "function": {"name": "f"}}]}), "tools[0].type"),
         (json!({"messages": msgs(), "session_id": "../etc"}), "session_id"),
         (json!({"messages": [{"role": "user", "content": long_prompt()}]}), "messages"),
+        (json!({"messages": msgs(), "presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"messages": msgs(), "frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"messages": msgs(), "logit_bias": {"abc": 1}}), "logit_bias"),
+        (json!({"messages": msgs(), "logit_bias": {"5": 200}}), "logit_bias"),
+        (json!({"messages": msgs(), "logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"messages": msgs(), "top_k": -5}), "top_k"),
+        (json!({"messages": msgs(), "modalities": ["text", "audio"]}), "modalities"),
+        (json!({"messages": msgs(), "parallel_tool_calls": "x"}), "parallel_tool_calls"),
+        (
+            json!({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "get weather!"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"messages": msgs(), "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}),
+            "tools[1].function.name",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}]}),
+            "messages[1].tool_call_id",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}),
+            "messages[1].content",
+        ),
     ];
     for (body, param) in cases {
         let r = send_raw("/v1/chat/completions", &[], body.to_string().as_bytes());
@@ -106,6 +134,9 @@ fn openai_completions_reject_bad_input() {
         (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "x", "n": 3}), "n"),
         (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "best_of": 2}), "best_of"),
+        (json!({"prompt": "x", "presence_penalty": 9}), "presence_penalty"),
+        (json!({"prompt": "x", "logit_bias": {"-1": 3}}), "logit_bias"),
         (json!({"prompt": long_prompt()}), "prompt"),
     ];
     for (body, param) in cases {
@@ -144,6 +175,17 @@ fn anthropic_messages_reject_bad_input_by_field() {
             "tool_choice.type",
         ),
         (json!({"max_tokens": 5, "messages": [{"role": "user", "content": long_prompt()}]}), "messages"),
+        (json!({"max_tokens": 5, "messages": m, "tool_choice": {"type": "any"}}), "tool_choice"),
+        (
+            json!({"max_tokens": 5, "messages": m, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+            "tools[0].type",
+        ),
+        (json!({"max_tokens": 5, "messages": m, "tools": [{"name": "a b"}]}), "tools[0].name"),
+        (
+            json!({"max_tokens": 5, "messages": m, "tools": [{"name": "f", "input_schema": []}]}),
+            "tools[0].input_schema",
+        ),
+        (json!({"max_tokens": 5, "messages": m, "tools": [{"name": "f"}, {"name": "f"}]}), "tools[1].name"),
     ];
     for (body, field) in cases {
         let r = send_raw("/v1/messages", &[], body.to_string().as_bytes());

@@ -174,6 +174,46 @@ fn models_lists_the_loaded_model() {
 }
 
 #[test]
+fn models_retrieve_by_name_or_default() {
+    for id in ["test-model", "default"] {
+        let r = get(shared(), &format!("/v1/models/{id}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["id"], "test-model");
+    }
+    let r = get(shared(), "/v1/models/gpt-4o");
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("gpt-4o"));
+}
+
+#[test]
+fn completions_default_to_16_tokens() {
+    let body = json!({"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true});
+    let r = post(shared(), "/v1/completions", &[], &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 16);
+}
+
+#[test]
+fn logit_bias_and_penalties_reach_the_sampler() {
+    let text = |extra: Value| {
+        let mut body = json!({"prompt": "The sky is", "temperature": 0, "ignore_eos": true, "max_tokens": 3});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = post(shared(), "/v1/completions", &[], &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    // A +100 bias makes one token win every step.
+    let one = text(json!({"logit_bias": {"1234": 100}, "max_tokens": 1}));
+    assert_eq!(text(json!({"logit_bias": {"1234": 100}})), one.repeat(3));
+    // With the presence penalty at its maximum against that bias, the
+    // token still wins (100 - 2), so the output is the same.
+    assert_eq!(text(json!({"logit_bias": {"1234": 100}, "presence_penalty": 2})), one.repeat(3));
+    // Pushing that token down instead keeps it out of the reply.
+    let down = text(json!({"logit_bias": {"1234": -100}, "max_tokens": 1}));
+    assert_ne!(down, one);
+}
+
+#[test]
 fn ignore_eos_generates_exactly_max_tokens() {
     let q = user("What is 2 + 2?");
     let natural = chat(json!({"messages": q, "max_tokens": 40, "temperature": 0}), &[]);
