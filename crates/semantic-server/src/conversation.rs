@@ -51,6 +51,31 @@ impl Conversation {
         self.tools.iter().filter_map(|t| t.pointer("/function/name")?.as_str().map(str::to_string)).collect()
     }
 
+    /// What the reply must start with: the opening of a tool call when
+    /// `tool_choice` requires one (any tool: up to the name; a named tool:
+    /// up to its arguments). The model continues from there, so a required
+    /// call is a call, not a promise in the system prompt.
+    pub fn reply_start(&self) -> String {
+        if self.tools.is_empty() {
+            return String::new();
+        }
+        let only = match self.tools.as_slice() {
+            [one] => one.pointer("/function/name").and_then(Value::as_str),
+            _ => None,
+        };
+        match (&self.tool_use, only) {
+            // Any tool, and there is one: that one.
+            (Some(ToolUse::Required), Some(name)) => {
+                format!("{}\n{{\"name\": {}, \"arguments\": ", tools::OPEN, Value::String(name.to_string()))
+            }
+            (Some(ToolUse::Required), None) => format!("{}\n{{\"name\": \"", tools::OPEN),
+            (Some(ToolUse::Named(name)), _) => {
+                format!("{}\n{{\"name\": {}, \"arguments\": ", tools::OPEN, Value::String(name.clone()))
+            }
+            (Some(ToolUse::Auto) | None, _) => String::new(),
+        }
+    }
+
     /// The messages and `tools` value to render the template with.
     pub fn template_input(&self, template_knows_tools: bool) -> (Vec<ChatMessage>, Option<Value>) {
         let tools_on = self.tool_use.is_some() && !self.tools.is_empty();

@@ -68,16 +68,20 @@ impl Runtime {
         Ok(Runtime { engine, tokenizer, template, stop_ids, model_name, context_length, sequence_limit, persistent })
     }
 
-    /// Renders the chat template and tokenizes (CPU work: call off the reactor).
+    /// Renders the chat template, then `reply_start` (the opening the reply
+    /// is forced to have, usually empty), and tokenizes (CPU work: call off
+    /// the reactor).
     pub fn chat_prompt(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
+        reply_start: &str,
     ) -> Result<Vec<u32>, ApiError> {
-        let text = self
+        let mut text = self
             .template
             .render(messages, true, tools)
             .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
+        text.push_str(reply_start);
         self.encode(&text)
     }
 

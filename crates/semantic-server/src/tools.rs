@@ -149,6 +149,37 @@ fn call_of(v: Value, known: &[String]) -> Option<ParsedCall> {
     Some(ParsedCall { name, arguments })
 }
 
+/// A reply that was forced to open a tool call (see
+/// `Conversation::reply_start`) whose block does not parse whole (small
+/// models trail junk after the arguments, or never close the tag): the
+/// first JSON string after `"name":` and the first JSON value after
+/// `"arguments":` still make the call when the name is known and the
+/// arguments are an object. Otherwise `(text, calls)` as they were.
+pub fn finish_forced(
+    forced: bool,
+    text: String,
+    calls: Vec<ParsedCall>,
+    known: &[String],
+) -> (String, Vec<ParsedCall>) {
+    if !forced || !calls.is_empty() {
+        return (text, calls);
+    }
+    match forced_call(&text, known) {
+        Some(call) => (String::new(), vec![call]),
+        None => (text, calls),
+    }
+}
+
+fn forced_call(text: &str, known: &[String]) -> Option<ParsedCall> {
+    let first_value = |s: &str| serde_json::Deserializer::from_str(s).into_iter::<Value>().next()?.ok();
+    let body = &text[text.find(OPEN)? + OPEN.len()..];
+    let after_name = &body[body.find("\"name\":")? + 7..];
+    let name = first_value(after_name)?.as_str()?.to_string();
+    let after_args = &after_name[after_name.find("\"arguments\":")? + 12..];
+    let arguments = first_value(after_args).filter(Value::is_object)?;
+    known.contains(&name).then_some(ParsedCall { name, arguments })
+}
+
 /// Streams text while holding back anything from `<tool_call>` on, so that a
 /// tool call is never sent as text. [`Self::finish`] parses what was held.
 #[derive(Debug, Default)]
@@ -230,6 +261,24 @@ mod tests {
 
     fn known() -> Vec<String> {
         vec!["get_weather".into(), "add".into()]
+    }
+
+    #[test]
+    fn a_forced_call_survives_trailing_junk() {
+        let junk = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \n{\"city\": \"Oslo\"}},\"type\":\"function\"\ndef f(";
+        let (text, calls) = parse(junk, &known());
+        assert!(calls.is_empty());
+        let (text, calls) = finish_forced(true, text, calls, &known());
+        assert_eq!(
+            (text.as_str(), calls),
+            ("", vec![ParsedCall { name: "get_weather".into(), arguments: json!({"city": "Oslo"}) }])
+        );
+        // Not forced, an unknown name, or arguments that are not an object: text.
+        assert!(finish_forced(false, junk.into(), vec![], &known()).1.is_empty());
+        let unknown = junk.replace("get_weather", "weather");
+        assert_eq!(finish_forced(true, unknown.clone(), vec![], &known()).0, unknown);
+        let scalar = "<tool_call>\n{\"name\": \"add\", \"arguments\": 5}";
+        assert!(finish_forced(true, scalar.into(), vec![], &known()).1.is_empty());
     }
 
     #[test]

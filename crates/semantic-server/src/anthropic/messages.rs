@@ -57,12 +57,15 @@ pub fn stop_reason(r: FinishReason) -> &'static str {
 }
 
 /// Renders and tokenizes the request's conversation.
-async fn prompt_of(rt: &Arc<Runtime>, req: &MessagesRequest) -> Result<(Vec<u32>, Vec<String>), ApiError> {
+/// The prompt, the tools the reply may call and the reply's forced opening.
+async fn prompt_of(rt: &Arc<Runtime>, req: &MessagesRequest) -> Result<(Vec<u32>, Vec<String>, String), ApiError> {
     let conv = req.conversation()?;
     let (messages, tools) = conv.template_input(rt.template_knows_tools());
     let rt2 = Arc::clone(rt);
-    let prompt = generation::blocking(move || rt2.chat_prompt(&messages, tools.as_ref())).await?;
-    Ok((prompt, conv.tool_names()))
+    let start = conv.reply_start();
+    let s2 = start.clone();
+    let prompt = generation::blocking(move || rt2.chat_prompt(&messages, tools.as_ref(), &s2)).await?;
+    Ok((prompt, conv.tool_names(), start))
 }
 
 pub async fn count_tokens(
@@ -71,7 +74,7 @@ pub async fn count_tokens(
 ) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = parse_json(body, state.config().body_limit)?;
     let rt = state.runtime()?;
-    let (prompt, _) = prompt_of(&rt, &req).await?;
+    let (prompt, _, _) = prompt_of(&rt, &req).await?;
     Ok(Json(json!({"input_tokens": prompt.len()})).into_response())
 }
 
@@ -86,7 +89,7 @@ pub async fn messages(
     let mut params = req.params()?;
     let agent = generation::agent_id(&headers, None)?;
     let rt = state.runtime()?;
-    let (prompt, tool_names) = prompt_of(&rt, &req).await?;
+    let (prompt, tool_names, reply_start) = prompt_of(&rt, &req).await?;
     generation::check_prompt_fits(prompt.len(), rt.context_length, "messages")?;
     params.max_tokens =
         generation::max_new_tokens(Some(max), "max_tokens", prompt.len(), rt.context_length, rt.sequence_limit)?;
@@ -99,6 +102,7 @@ pub async fn messages(
             _ => None,
         },
         tool_names,
+        forced: !reply_start.is_empty(),
         prompt_tokens: prompt.len(),
     };
     let p = Prepared { id, agent, prompt, params, logprobs: false, ignore_eos: false };
@@ -107,7 +111,13 @@ pub async fn messages(
         let st = MessageStream {
             gen,
             phase: Phase::Start,
-            splitter: (!out.tool_names.is_empty()).then(StreamSplitter::default),
+            splitter: {
+                let mut splitter = (!out.tool_names.is_empty()).then(StreamSplitter::default);
+                // The forced opening is a tool call's start: the splitter holds it.
+                let held = split_delta(&mut splitter, reply_start.clone());
+                debug_assert!(held.is_empty());
+                splitter
+            },
             out,
         };
         return Ok(sse::response(futures_util::stream::unfold(st, |mut st| async move {
@@ -116,8 +126,10 @@ pub async fn messages(
         })));
     }
     let c = gen.collect().await?;
+    let reply = format!("{reply_start}{}", c.text);
     let (text, calls) =
-        if out.tool_names.is_empty() { (c.text, Vec::new()) } else { tools::parse(&c.text, &out.tool_names) };
+        if out.tool_names.is_empty() { (reply, Vec::new()) } else { tools::parse(&reply, &out.tool_names) };
+    let (text, calls) = tools::finish_forced(out.forced, text, calls, &out.tool_names);
     let mut content = Vec::new();
     if !text.is_empty() || calls.is_empty() {
         content.push(json!({"type": "text", "text": text}));
@@ -143,6 +155,8 @@ struct Output {
     /// The engine does not say which stop string matched; with one, we know.
     single_stop: Option<String>,
     tool_names: Vec<String>,
+    /// The reply was forced to open a tool call.
+    forced: bool,
     prompt_tokens: usize,
 }
 
@@ -235,6 +249,7 @@ impl MessageStream {
                 TokenEvent::Finished { reason, text_tail, usage, stop } => {
                     self.phase = Phase::Done;
                     let (text, calls) = split_finish(self.splitter.take(), text_tail, &self.out.tool_names);
+                    let (text, calls) = tools::finish_forced(self.out.forced, text, calls, &self.out.tool_names);
                     if !text.is_empty() {
                         text_delta(&mut out, &text);
                     }

@@ -36,9 +36,11 @@ pub async fn chat_completions(
     generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;
     generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;
     let (messages, tools) = conv.template_input(rt.template_knows_tools());
+    let reply_start = conv.reply_start();
     let prompt = {
         let rt = Arc::clone(&rt);
-        generation::blocking(move || rt.chat_prompt(&messages, tools.as_ref())).await?
+        let start = reply_start.clone();
+        generation::blocking(move || rt.chat_prompt(&messages, tools.as_ref(), &start)).await?
     };
     generation::check_prompt_fits(prompt.len(), rt.context_length, "messages")?;
     let (max, field) = req.max_tokens();
@@ -50,6 +52,7 @@ pub async fn chat_completions(
         model: rt.model_name.clone(),
         created: generation::unix_now(),
         tool_names: conv.tool_names(),
+        reply_start,
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
@@ -65,12 +68,16 @@ struct Output {
     model: String,
     created: u64,
     tool_names: Vec<String>,
+    /// The forced opening of the reply (in the prompt, not generated).
+    reply_start: String,
 }
 
 impl Output {
     fn completion(&self, rt: &Runtime, c: Completion) -> ChatCompletion {
+        let reply = format!("{}{}", self.reply_start, c.text);
         let (text, calls) =
-            if self.tool_names.is_empty() { (c.text, Vec::new()) } else { tools::parse(&c.text, &self.tool_names) };
+            if self.tool_names.is_empty() { (reply, Vec::new()) } else { tools::parse(&reply, &self.tool_names) };
+        let (text, calls) = tools::finish_forced(!self.reply_start.is_empty(), text, calls, &self.tool_names);
         let finish = if calls.is_empty() { finish_reason(c.reason) } else { "tool_calls" };
         let logprobs = c.tokens.iter().any(|t| t.logprob.is_some()).then(|| chat_logprobs(&rt.tokenizer, &c.tokens));
         ChatCompletion {
@@ -122,7 +129,10 @@ struct ChatStream {
 }
 
 fn stream(rt: Arc<Runtime>, gen: Generation, out: Output, include_usage: bool) -> Response {
-    let splitter = (!out.tool_names.is_empty()).then(StreamSplitter::default);
+    let mut splitter = (!out.tool_names.is_empty()).then(StreamSplitter::default);
+    // The forced opening is a tool call's start: the splitter holds it.
+    let held = split_delta(&mut splitter, out.reply_start.clone());
+    debug_assert!(held.is_empty());
     let st = ChatStream { rt, gen, out, include_usage, splitter, started: false, done: false };
     sse::response(futures_util::stream::unfold(st, |mut st| async move {
         let chunk = st.next_chunk().await?;
@@ -162,6 +172,8 @@ impl ChatStream {
                 Some(TokenEvent::Finished { reason, text_tail, usage, .. }) => {
                     self.done = true;
                     let (text, calls) = split_finish(self.splitter.take(), text_tail, &self.out.tool_names);
+                    let forced = !self.out.reply_start.is_empty();
+                    let (text, calls) = tools::finish_forced(forced, text, calls, &self.out.tool_names);
                     if !text.is_empty() {
                         let delta = Delta { content: Some(text), ..Delta::default() };
                         sse::data(&mut out, &self.out.chunk(delta, None, None, self.include_usage));

@@ -133,6 +133,43 @@ fn tools_are_accepted_with_their_history() {
 }
 
 #[test]
+fn a_required_or_named_tool_choice_opens_the_call() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "add",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}},
+    ]);
+    for (choice, stream) in
+        [(json!({"type": "function", "function": {"name": "get_weather"}}), false), (json!("required"), true)]
+    {
+        let body = json!({
+            "messages": user("Call get_weather for London."), "tools": tools, "tool_choice": choice,
+            "max_tokens": 60, "temperature": 0,
+        });
+        let calls: Vec<Value> = if stream {
+            let mut b = body.clone();
+            b["stream"] = json!(true);
+            let r = post(shared(), "/v1/chat/completions", &[], &b);
+            r.sse()
+                .iter()
+                .filter(|(_, d)| d.starts_with('{'))
+                .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap())
+                .flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default())
+                .collect()
+        } else {
+            let r = chat(body, &[]);
+            assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+            r["choices"][0]["message"]["tool_calls"].as_array().cloned().unwrap_or_default()
+        };
+        assert_eq!(calls.len(), 1, "{choice}: {calls:?}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args.is_object(), "{args}");
+    }
+}
+
+#[test]
 fn json_object_format_is_accepted_when_json_is_asked_for() {
     let body = json!({"messages": user("Reply in JSON."), "max_tokens": 4, "response_format": {"type": "json_object"}});
     chat(body, &[]);
