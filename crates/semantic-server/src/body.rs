@@ -25,14 +25,28 @@ pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limi
             message: "the request body is empty; expected a JSON object".into(),
         });
     }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') && is_json(&bytes) {
+        return Err(ApiError::InvalidRequest { param: None, message: "the request body must be a JSON object".into() });
+    }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        // serde_json reports a non-string where an enum (`role`) is
+        // expected as a syntax error; in valid JSON it is the field's type.
+        if inner.is_syntax() && !matches!(path.as_str(), "." | "") && is_json(&bytes) {
+            let detail = strip_position(&inner.to_string()).to_string();
+            return ApiError::invalid(path.clone(), format!("invalid `{path}`: wrong type ({detail})"));
+        }
         json_error(&path, &inner)
     })?;
     de.end().map_err(|e| ApiError::InvalidRequest { param: None, message: format!("malformed JSON: {e}") })?;
     Ok(value)
+}
+
+/// Whether `bytes` is one valid JSON value (of any shape).
+fn is_json(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
 }
 
 fn json_error(path: &str, e: &serde_json::Error) -> ApiError {

@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config().body_limit))
+        .layer(from_fn_with_state(state.clone(), middleware::body_deadline))
         .layer(from_fn_with_state(state.clone(), middleware::observe))
         .with_state(state)
 }

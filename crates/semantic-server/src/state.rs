@@ -24,11 +24,21 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long a request body may take to arrive once its headers have:
+    /// a client that announces a body and stops sending it would otherwise
+    /// hold its connection forever (400 when it runs out).
+    pub body_deadline: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_key: None, admin_key: None, body_limit: 4 << 20, shutdown_grace: Duration::from_secs(30) }
+        Self {
+            api_key: None,
+            admin_key: None,
+            body_limit: 4 << 20,
+            shutdown_grace: Duration::from_secs(30),
+            body_deadline: Duration::from_secs(30),
+        }
     }
 }
 

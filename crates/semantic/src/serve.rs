@@ -167,6 +167,7 @@ impl ServeArgs {
             admin_key: self.admin_key.clone(),
             body_limit: self.body_limit_mb << 20,
             shutdown_grace: Duration::from_secs(self.shutdown_timeout),
+            ..ServerConfig::default()
         }
     }
 }

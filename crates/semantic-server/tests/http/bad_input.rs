@@ -102,6 +102,8 @@ fn openai_chat_rejects_bad_input_by_field() {
             json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}),
             "messages[1].content",
         ),
+        (json!({"messages": [{"role": null, "content": "x"}]}), "messages[0].role"),
+        (json!({"messages": [{"role": 5, "content": "x"}]}), "messages[0].role"),
     ];
     for (body, param) in cases {
         let r = send_raw("/v1/chat/completions", &[], body.to_string().as_bytes());
@@ -115,6 +117,8 @@ fn openai_rejects_malformed_bodies_and_bad_headers() {
         let r = send_raw("/v1/chat/completions", &[], body);
         openai_error(&r, 400, None);
     }
+    let r = send_raw("/v1/chat/completions", &[], b" [1, 2]");
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("must be a JSON object"), "{}", r.text());
     for (h, v) in [("X-Session-ID", "a b"), ("X-Agent-ID", "a/b"), ("X-Claude-Code-Session-Id", "..")] {
         let r = send_raw("/v1/chat/completions", &[(h, v)], json!({"messages": msgs()}).to_string().as_bytes());
         openai_error(&r, 400, Some(&h.to_lowercase()));

@@ -98,6 +98,23 @@ fn agents_api_lists_inspects_and_deletes() {
 }
 
 #[test]
+fn a_body_that_stops_arriving_is_cut_off() {
+    use std::io::{Read, Write};
+    let cfg = ServerConfig { body_deadline: std::time::Duration::from_millis(300), ..ServerConfig::default() };
+    let s = TestServer::start(cfg, None);
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(b"{\"messages\": [").unwrap();
+    let mut reply = [0u8; 512];
+    let n = c.read(&mut reply).expect("an answer before the client's own timeout");
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    s.stop();
+}
+
+#[test]
 fn api_and_admin_keys_are_enforced_in_each_dialect() {
     let cfg = ServerConfig {
         api_key: Some("user-key".into()),
