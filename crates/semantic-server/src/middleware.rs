@@ -85,24 +85,6 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_come_from_bearer_or_x_api_key() {
-        let mut h = HeaderMap::new();
-        assert_eq!(presented_key(&h), None);
-        h.insert("x-api-key", HeaderValue::from_static("k2"));
-        assert_eq!(presented_key(&h), Some("k2"));
-        h.insert("authorization", HeaderValue::from_static("bearer k1"));
-        assert_eq!(presented_key(&h), Some("k1"));
-        assert!(key_matches(Some("k1"), "k1"));
-        assert!(!key_matches(Some("k1"), "k10"));
-        assert!(!key_matches(None, "k1"));
-    }
-}
-
 /// Cuts the request body off at the configured deadline
 /// (`ServerConfig::body_deadline`): the handler then sees a failed body read
 /// and answers 400 in its dialect. A 4 MiB body over loopback takes
@@ -120,4 +102,22 @@ pub async fn body_deadline(State(state): State<AppState>, req: Request, next: Ne
         }
     });
     next.run(Request::from_parts(parts, axum::body::Body::from_stream(stream))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_bearer_or_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(presented_key(&h), Some("k2"));
+        h.insert("authorization", HeaderValue::from_static("bearer k1"));
+        assert_eq!(presented_key(&h), Some("k1"));
+        assert!(key_matches(Some("k1"), "k1"));
+        assert!(!key_matches(Some("k1"), "k10"));
+        assert!(!key_matches(None, "k1"));
+    }
 }
