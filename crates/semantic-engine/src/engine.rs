@@ -610,8 +610,10 @@ impl Engine {
             Ok(t) => t,
             Err(e) => return self.end(id, None, Some(e.to_string())),
         };
-        // Greedy sampling skips the softmax; compute it only when asked.
-        let logprob = s.req.logprobs.then(|| {
+        // Greedy sampling skips the softmax; compute it only when asked (and
+        // not for a token wholly past the stop string).
+        let shown = !stopped || s.text.hidden_tail() == 0;
+        let logprob = (s.req.logprobs && shown).then(|| {
             if s.req.params.is_greedy() {
                 semantic_model::sampling::log_prob(row, picked.token)
             } else {
@@ -661,6 +663,7 @@ impl Engine {
                     text_tail,
                     usage: s.usage.clone(),
                     stop: s.text.matched_stop().map(str::to_owned),
+                    hidden_tokens: s.text.hidden_tail(),
                 }
             }
             (None, None) => TokenEvent::Error("ended without a reason".into()),

@@ -60,6 +60,10 @@ pub enum TokenEvent {
         usage: Usage,
         /// The stop string that matched (`reason == StopString`).
         stop: Option<String>,
+        /// The last this many `Token` events carried no text of the reply
+        /// (their text was in or after the stop string): not the reply's
+        /// tokens, though generated (and counted in `usage`).
+        hidden_tokens: usize,
     },
     /// The request failed inside the engine; the last event of a stream.
     Error(String),

@@ -52,6 +52,11 @@ pub struct TextStream {
     hold: usize,
     text: String,
     emitted: usize,
+    /// Where each pushed token's text starts in `text`.
+    starts: Vec<usize>,
+    /// Tokens at the end whose text lies wholly in or after the matched
+    /// stop string (none of it is in the reply).
+    hidden: usize,
 }
 
 impl TextStream {
@@ -64,15 +69,19 @@ impl TextStream {
             hold,
             text: String::new(),
             emitted: 0,
+            starts: Vec::new(),
+            hidden: 0,
         }
     }
 
     /// Adds a token; returns the text that is now safe to emit and whether a
     /// stop string ended the reply (the text is cut before it).
     pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
+        self.starts.push(self.text.len());
         self.text.push_str(&self.dec.push(id)?);
         if let Some(cut) = find_stop(&self.text, &self.stops) {
             self.matched = self.stops.iter().position(|s| self.text.find(s.as_str()) == Some(cut));
+            self.hidden = self.starts.iter().rev().take_while(|&&at| at >= cut.max(self.emitted)).count();
             self.text.truncate(cut.max(self.emitted));
             return Ok((self.take(self.text.len()), true));
         }
@@ -92,6 +101,13 @@ impl TextStream {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// How many of the last tokens contributed no text to the reply: their
+    /// text lies wholly in or after the stop string that ended it (0 when
+    /// none did). Their logprobs are not the reply's.
+    pub fn hidden_tail(&self) -> usize {
+        self.hidden
     }
 
     /// The stop string that ended the reply, if one did.

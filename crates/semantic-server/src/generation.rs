@@ -207,8 +207,9 @@ impl Generation {
                     text.push_str(&t);
                     tokens.push(GenToken { id, logprob });
                 }
-                TokenEvent::Finished { reason, text_tail, usage, stop } => {
+                TokenEvent::Finished { reason, text_tail, usage, stop, hidden_tokens } => {
                     text.push_str(&text_tail);
+                    tokens.truncate(tokens.len().saturating_sub(hidden_tokens));
                     return Ok(Completion { text, tokens, reason, usage, stop });
                 }
                 TokenEvent::Error(e) => return Err(ApiError::Internal(e)),

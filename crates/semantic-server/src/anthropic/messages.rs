@@ -246,7 +246,7 @@ impl MessageStream {
                     text_delta(&mut out, &text);
                     return Some(out);
                 }
-                TokenEvent::Finished { reason, text_tail, usage, stop } => {
+                TokenEvent::Finished { reason, text_tail, usage, stop, .. } => {
                     self.phase = Phase::Done;
                     let (text, calls) = split_finish(self.splitter.take(), text_tail, &self.out.tool_names);
                     let (text, calls) = tools::finish_forced(self.out.forced, text, calls, &self.out.tool_names);

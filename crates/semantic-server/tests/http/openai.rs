@@ -97,6 +97,43 @@ fn stop_strings_cut_the_reply() {
 }
 
 #[test]
+fn logprobs_end_with_the_last_token_the_reply_shows() {
+    let body = json!({"messages": user("Describe Paris in one sentence."), "max_tokens": 24, "temperature": 0, "logprobs": true});
+    let full = chat(body.clone(), &[]);
+    let toks: Vec<String> = full["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
+    // A stop string across the boundary of two tokens: the first shows in
+    // part, the second not at all.
+    let k = (2..toks.len() - 1)
+        .find(|&k| toks[k].len() > 1 && toks[k + 1].len() > 1 && toks[k].is_ascii() && toks[k + 1].is_ascii())
+        .expect("two plain tokens");
+    let stop = format!("{}{}", &toks[k][toks[k].len() - 1..], &toks[k + 1][..1]);
+    let text: String = toks.concat();
+    let cut_at = text.find(&stop).unwrap();
+    let mut starts = Vec::new();
+    toks.iter().fold(0, |at, t| {
+        starts.push(at);
+        at + t.len()
+    });
+    let shown = starts.iter().filter(|&&at| at < cut_at).count();
+    let mut b = body;
+    b["stop"] = json!(stop);
+    let cut = chat(b, &[]);
+    assert_eq!(cut["choices"][0]["message"]["content"], &text[..cut_at], "{cut}");
+    let got: Vec<&str> = cut["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, toks[..shown].iter().map(String::as_str).collect::<Vec<_>>(), "stop {stop:?}");
+}
+
+#[test]
 fn logprobs_cover_every_token() {
     let body = json!({"messages": user("Hi"), "max_tokens": 5, "temperature": 0.7, "seed": 7, "logprobs": true});
     let r = chat(body, &[]);
