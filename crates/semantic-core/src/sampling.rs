@@ -22,6 +22,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The reply is one JSON object: every token must continue one, and the
+    /// reply ends when it closes.
+    pub json_object: bool,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +41,7 @@ impl Default for SamplingParams {
             seed: None,
             max_tokens: 256,
             stop: Vec::new(),
+            json_object: false,
         }
     }
 }

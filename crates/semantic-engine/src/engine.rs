@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use semantic_core::{AgentId, FinishReason, LogitsWanted, SeqStep, StepPlan};
 use semantic_kv::{block_hash, BlockHash, BlockTable, KvPool};
 use semantic_model::generate::TextStream;
+use semantic_model::json::JsonObject;
 use semantic_model::{LlamaModel, Sampler, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -140,11 +141,16 @@ struct Seq {
     hashes: Vec<BlockHash>,
     last_token_at: Option<Instant>,
     itl_sum: Duration,
+    /// The JSON object the reply is constrained to (`json_object`).
+    json: Option<JsonObject>,
 }
 
 pub struct Engine {
     model: LlamaModel,
     tok: Tokenizer,
+    /// Each token's text as bytes (`None`: a special token), built at the
+    /// first JSON-constrained request.
+    token_bytes: Option<std::sync::Arc<Vec<Option<Vec<u8>>>>>,
     pool: KvPool,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -263,6 +269,7 @@ impl Engine {
         Ok(Self {
             model,
             tok,
+            token_bytes: None,
             pool,
             sched: Scheduler::new(cfg.scheduler),
             seqs: HashMap::new(),
@@ -348,6 +355,13 @@ impl Engine {
             return Err(EngineError::Overloaded { waiting: self.sched.n_waiting() });
         }
         self.next_seq += 1;
+        if req.params.json_object && self.token_bytes.is_none() {
+            let tok = &self.tok;
+            let bytes = (0..tok.vocab_size() as u32)
+                .map(|t| (!tok.is_special(t)).then(|| tok.token_bytes(t).map(<[u8]>::to_vec)).flatten())
+                .collect();
+            self.token_bytes = Some(std::sync::Arc::new(bytes));
+        }
         let seq = Seq {
             tokens: req.prompt.clone(),
             table: BlockTable::default(),
@@ -362,6 +376,7 @@ impl Engine {
             hashes: Vec::new(),
             last_token_at: None,
             itl_sum: Duration::ZERO,
+            json: req.params.json_object.then(JsonObject::new),
             req,
         };
         self.seqs.insert(id, seq);
@@ -589,7 +604,20 @@ impl Engine {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let picked = s.sampler.sample(row, &s.tokens);
+        let picked = match &s.json {
+            None => s.sampler.sample(row, &s.tokens),
+            Some(j) => {
+                let bytes = self.token_bytes.as_deref().expect("built when the request came in");
+                let allowed = |t: u32| bytes.get(t as usize).and_then(Option::as_deref).is_some_and(|b| j.accepts(b));
+                s.sampler.sample_where(row, &s.tokens, allowed)
+            }
+        };
+        if let Some(j) = &mut s.json {
+            let bytes = self.token_bytes.as_deref().expect("built when the request came in");
+            if !bytes.get(picked.token as usize).and_then(Option::as_deref).is_some_and(|b| j.feed_all(b)) {
+                return self.end(id, None, Some("no token continues the JSON object".into()));
+            }
+        }
         let now = Instant::now();
         match s.last_token_at {
             None => s.usage.ttft = now - s.arrival,
@@ -622,8 +650,11 @@ impl Engine {
         });
         // A send error means the client left; the next step cancels it.
         let _ = s.events.send(TokenEvent::Token { id: picked.token, text, logprob });
+        let json_done = s.json.as_ref().is_some_and(JsonObject::is_done);
         let reason = if stopped {
             Some(FinishReason::StopString)
+        } else if json_done {
+            Some(FinishReason::Stop)
         } else if s.n_generated >= s.req.params.max_tokens {
             Some(FinishReason::Length)
         } else if s.tokens.len() >= ctx {

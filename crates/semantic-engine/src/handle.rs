@@ -17,7 +17,7 @@ use crate::tiers::IoEvent;
 
 enum Command {
     Submit {
-        req: EngineRequest,
+        req: Box<EngineRequest>,
         events: tmpsc::UnboundedSender<TokenEvent>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -117,7 +117,7 @@ impl EngineHandle {
     pub async fn submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
         let (events, rx) = tmpsc::unbounded_channel();
         let (reply, done) = oneshot::channel();
-        self.tx.send(Command::Submit { req, events, reply }).map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Submit { req: Box::new(req), events, reply }).map_err(|_| EngineError::Stopped)?;
         done.await.map_err(|_| EngineError::Stopped)??;
         Ok(TokenStream { rx })
     }
@@ -126,7 +126,7 @@ impl EngineHandle {
     pub fn blocking_submit(&self, req: EngineRequest) -> Result<TokenStream, EngineError> {
         let (events, rx) = tmpsc::unbounded_channel();
         let (reply, done) = oneshot::channel();
-        self.tx.send(Command::Submit { req, events, reply }).map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Submit { req: Box::new(req), events, reply }).map_err(|_| EngineError::Stopped)?;
         done.blocking_recv().map_err(|_| EngineError::Stopped)??;
         Ok(TokenStream { rx })
     }
@@ -229,7 +229,7 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
 fn handle(engine: &mut Engine, cmd: Command) -> bool {
     match cmd {
         Command::Submit { req, events, reply } => {
-            let _ = reply.send(engine.submit(req, events));
+            let _ = reply.send(engine.submit(*req, events));
         }
         Command::Stats(r) => {
             let _ = r.send(engine.stats());

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod json;
 pub mod kernels;
 pub mod linear;
 pub mod llama;

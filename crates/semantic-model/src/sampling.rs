@@ -74,6 +74,8 @@ pub struct Sampled {
 /// top-k, top-p and min-p are first collected; divided by `CUT_STEP` while
 /// they do not hold what the filters keep, down to every token.
 const FIRST_CUT: f32 = 1e-4;
+/// Refused picks of [`Sampler::sample_where`] before it checks every token.
+pub const MAX_REJECTS: usize = 32;
 const CUT_STEP: f32 = 1e-4;
 
 impl Sampler {
@@ -102,6 +104,45 @@ impl Sampler {
     /// count this sampler's own picks (the generated tokens, as OpenAI and
     /// vLLM do).
     pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> Sampled {
+        self.sample_where(logits, recent, |_| true)
+    }
+
+    /// [`sample`](Self::sample) among the tokens `allowed` accepts: a pick
+    /// it refuses is masked out and the draw repeated (a draw from the
+    /// distribution restricted to the allowed tokens, filters applied after
+    /// the mask). After [`MAX_REJECTS`] refusals every token is checked
+    /// once and the refused ones masked. When no token is allowed, the last
+    /// draw is returned; the caller checks it.
+    pub fn sample_where(&mut self, logits: &mut [f32], recent: &[u32], allowed: impl Fn(u32) -> bool) -> Sampled {
+        self.adjust(logits, recent);
+        let mut picked = self.draw(logits);
+        let mut rejects = 0;
+        while !allowed(picked.token) {
+            rejects += 1;
+            if rejects > MAX_REJECTS {
+                for (t, l) in logits.iter_mut().enumerate() {
+                    if !allowed(t as u32) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                picked = self.draw(logits);
+                break;
+            }
+            if let Some(l) = logits.get_mut(picked.token as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+            picked = self.draw(logits);
+        }
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(picked.token).or_insert(0) += 1;
+        }
+        picked
+    }
+
+    /// `logit_bias`, then the presence and frequency penalties over this
+    /// sampler's own picks (the generated tokens, as OpenAI and vLLM count
+    /// them), then the repetition penalty over `recent`.
+    fn adjust(&self, logits: &mut [f32], recent: &[u32]) {
         let p = &self.params;
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -115,15 +156,6 @@ impl Sampler {
                 }
             }
         }
-        let picked = self.pick(logits, recent);
-        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
-            *self.counts.entry(picked.token).or_insert(0) += 1;
-        }
-        picked
-    }
-
-    fn pick(&mut self, logits: &mut [f32], recent: &[u32]) -> Sampled {
-        let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let window = &recent[recent.len().saturating_sub(PENALTY_WINDOW)..];
             let mut seen = std::collections::HashSet::with_capacity(window.len());
@@ -135,6 +167,11 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// One draw from the adjusted logits.
+    fn draw(&mut self, logits: &mut [f32]) -> Sampled {
+        let p = &self.params;
         let max = max_logit(logits);
         // Greedy, or nothing to weigh (every logit -inf or NaN, or an inf).
         if p.is_greedy() || !max.is_finite() {
@@ -382,6 +419,32 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!(counts[0] > counts[1] && counts[1] > 500, "{counts:?}");
+    }
+
+    #[test]
+    fn sample_where_draws_only_allowed_tokens() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let best = first_of(&logits, max_logit(&logits));
+        let mut g = Sampler::new(SamplingParams::default());
+        let second = g.sample_where(&mut logits.clone(), &[], |t| t != best).token;
+        assert_ne!(second, best);
+        assert_eq!(
+            logits[second as usize],
+            logits.iter().filter(|&&l| l < logits[best as usize]).fold(f32::MIN, |a, &b| a.max(b))
+        );
+        // Past MAX_REJECTS refusals: one token of the worst allowed.
+        let worst = (0..1000u32).min_by(|&a, &b| logits[a as usize].total_cmp(&logits[b as usize])).unwrap();
+        assert_eq!(g.sample_where(&mut logits.clone(), &[], |t| t == worst).token, worst);
+        for params in [
+            SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() },
+            SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 50, seed: Some(4), ..Default::default() },
+        ] {
+            let mut s = Sampler::new(params);
+            for _ in 0..200 {
+                let t = s.sample_where(&mut logits.clone(), &[], |t| t % 3 == 0).token;
+                assert_eq!(t % 3, 0);
+            }
+        }
     }
 
     #[test]

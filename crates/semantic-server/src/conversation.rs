@@ -8,6 +8,9 @@ use serde_json::Value;
 
 use crate::tools::{self, ToolUse};
 
+/// Where a forced tool call's arguments begin.
+const ARGUMENTS_OPEN: &str = "\"arguments\": ";
+
 /// A past assistant tool call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PastCall {
@@ -66,14 +69,20 @@ impl Conversation {
         match (&self.tool_use, only) {
             // Any tool, and there is one: that one.
             (Some(ToolUse::Required), Some(name)) => {
-                format!("{}\n{{\"name\": {}, \"arguments\": ", tools::OPEN, Value::String(name.to_string()))
+                format!("{}\n{{\"name\": {}, {ARGUMENTS_OPEN}", tools::OPEN, Value::String(name.to_string()))
             }
             (Some(ToolUse::Required), None) => format!("{}\n{{\"name\": \"", tools::OPEN),
             (Some(ToolUse::Named(name)), _) => {
-                format!("{}\n{{\"name\": {}, \"arguments\": ", tools::OPEN, Value::String(name.clone()))
+                format!("{}\n{{\"name\": {}, {ARGUMENTS_OPEN}", tools::OPEN, Value::String(name.clone()))
             }
             (Some(ToolUse::Auto) | None, _) => String::new(),
         }
+    }
+
+    /// Whether [`reply_start`](Self::reply_start) ends where a tool call's
+    /// arguments begin: the reply is then one JSON object (constrained).
+    pub fn forces_arguments(&self) -> bool {
+        self.reply_start().ends_with(ARGUMENTS_OPEN)
     }
 
     /// The messages and `tools` value to render the template with.

@@ -58,14 +58,18 @@ pub fn stop_reason(r: FinishReason) -> &'static str {
 
 /// Renders and tokenizes the request's conversation.
 /// The prompt, the tools the reply may call and the reply's forced opening.
-async fn prompt_of(rt: &Arc<Runtime>, req: &MessagesRequest) -> Result<(Vec<u32>, Vec<String>, String), ApiError> {
+/// And whether the reply is a forced call's arguments (one JSON object).
+async fn prompt_of(
+    rt: &Arc<Runtime>,
+    req: &MessagesRequest,
+) -> Result<(Vec<u32>, Vec<String>, String, bool), ApiError> {
     let conv = req.conversation()?;
     let (messages, tools) = conv.template_input(rt.template_knows_tools());
     let rt2 = Arc::clone(rt);
     let start = conv.reply_start();
     let s2 = start.clone();
     let prompt = generation::blocking(move || rt2.chat_prompt(&messages, tools.as_ref(), &s2)).await?;
-    Ok((prompt, conv.tool_names(), start))
+    Ok((prompt, conv.tool_names(), start, conv.forces_arguments()))
 }
 
 pub async fn count_tokens(
@@ -74,7 +78,7 @@ pub async fn count_tokens(
 ) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = parse_json(body, state.config().body_limit)?;
     let rt = state.runtime()?;
-    let (prompt, _, _) = prompt_of(&rt, &req).await?;
+    let (prompt, ..) = prompt_of(&rt, &req).await?;
     Ok(Json(json!({"input_tokens": prompt.len()})).into_response())
 }
 
@@ -89,7 +93,8 @@ pub async fn messages(
     let mut params = req.params()?;
     let agent = generation::agent_id(&headers, None)?;
     let rt = state.runtime()?;
-    let (prompt, tool_names, reply_start) = prompt_of(&rt, &req).await?;
+    let (prompt, tool_names, reply_start, json_object) = prompt_of(&rt, &req).await?;
+    params.json_object = json_object;
     generation::check_prompt_fits(prompt.len(), rt.context_length, "messages")?;
     params.max_tokens =
         generation::max_new_tokens(Some(max), "max_tokens", prompt.len(), rt.context_length, rt.sequence_limit)?;

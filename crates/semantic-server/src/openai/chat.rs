@@ -31,6 +31,8 @@ pub async fn chat_completions(
     let conv = req.conversation()?;
     let mut params = req.sampling().params()?;
     let logprobs = req.wants_logprobs()?;
+    // One JSON object: asked for, or the arguments of a forced tool call.
+    params.json_object = req.json_mode() || conv.forces_arguments();
     let agent = generation::agent_id(&headers, req.session_id.as_deref())?;
     let rt = state.runtime()?;
     generation::check_logit_bias(&params, rt.engine.model_info().vocab_size)?;

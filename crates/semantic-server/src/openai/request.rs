@@ -244,6 +244,7 @@ impl Sampling<'_> {
             seed: self.seed.map(|s| s as u64),
             max_tokens: 1,
             stop,
+            json_object: false,
         };
         p.validate()?;
         Ok(p)
@@ -285,6 +286,12 @@ impl ChatRequest {
             Some(n) => (Some(n), "max_completion_tokens"),
             None => (self.max_tokens, "max_tokens"),
         }
+    }
+
+    /// `response_format: json_object`: the reply is constrained to one
+    /// JSON object.
+    pub fn json_mode(&self) -> bool {
+        self.response_format.as_ref().is_some_and(|f| f.kind == "json_object")
     }
 
     /// Whether to return the chosen tokens' logprobs.
@@ -428,7 +435,8 @@ fn tool_use(choice: Option<&ToolChoice>, tools: &[Value]) -> Result<Option<ToolU
 }
 
 /// `json_object` is accepted when the messages ask for JSON (as OpenAI
-/// requires); the output itself is not constrained.
+/// requires); the reply is then constrained to one JSON object
+/// (`semantic_model::json`).
 fn check_response_format(kind: &str, turns: &[Turn]) -> Result<(), ApiError> {
     match kind {
         "text" => Ok(()),

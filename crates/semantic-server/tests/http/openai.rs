@@ -207,6 +207,38 @@ fn a_required_or_named_tool_choice_opens_the_call() {
 }
 
 #[test]
+fn json_mode_replies_with_one_json_object() {
+    for stream in [false, true] {
+        let body = json!({
+            "messages": user("Return JSON with the fields name and age for Alice, 30."),
+            "response_format": {"type": "json_object"}, "max_tokens": 120, "temperature": 0, "stream": stream,
+        });
+        let r = post(shared(), "/v1/chat/completions", &[], &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (text, finish) = if stream {
+            let chunks: Vec<Value> = r
+                .sse()
+                .iter()
+                .filter(|(_, d)| d.starts_with('{'))
+                .map(|(_, d)| serde_json::from_str(d).unwrap())
+                .collect();
+            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
+            (text, finish.unwrap())
+        } else {
+            let v = r.json();
+            (
+                v["choices"][0]["message"]["content"].as_str().unwrap().to_string(),
+                v["choices"][0]["finish_reason"].as_str().unwrap().to_string(),
+            )
+        };
+        assert_eq!(finish, "stop", "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(v.is_object(), "{text}");
+    }
+}
+
+#[test]
 fn json_object_format_is_accepted_when_json_is_asked_for() {
     let body = json!({"messages": user("Reply in JSON."), "max_tokens": 4, "response_format": {"type": "json_object"}});
     chat(body, &[]);
