@@ -4,6 +4,7 @@ Run through scripts/e2e.sh, which starts the server and sets
 SEMANTIC_E2E_URL (base URL) and SEMANTIC_E2E_KEY (its --api-key).
 """
 
+import json
 import os
 import uuid
 
@@ -121,6 +122,53 @@ def test_openai_completions_and_models():
     assert models.data and models.data[0].id
 
 
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def test_openai_models_retrieve():
+    client = oai()
+    served = client.models.list().data[0].id
+    assert client.models.retrieve(served).id == served
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_openai_json_mode_replies_with_a_json_object():
+    r = oai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Return JSON with the fields name and age for Alice, 30."}],
+        response_format={"type": "json_object"},
+        max_tokens=120,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_openai_named_tool_choice_calls_the_tool():
+    r = oai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[{"type": "function", "function": WEATHER}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
 def test_openai_errors_are_sdk_exceptions():
     client = oai()
     with pytest.raises(openai.BadRequestError) as e:
@@ -231,6 +279,21 @@ def test_anthropic_count_tokens_and_tools():
     assert m.stop_reason in ("end_turn", "max_tokens", "tool_use")
     if m.stop_reason == "tool_use":
         assert any(b.type == "tool_use" and b.name == "get_weather" for b in m.content)
+
+
+def test_anthropic_tool_choice_tool_calls_it():
+    tool = {"name": WEATHER["name"], "description": WEATHER["description"], "input_schema": WEATHER["parameters"]}
+    m = ant().messages.create(
+        model=MODEL,
+        max_tokens=60,
+        **GREEDY,
+        tools=[tool],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+    )
+    assert m.stop_reason == "tool_use", m
+    blocks = [b for b in m.content if b.type == "tool_use"]
+    assert blocks and blocks[0].name == "get_weather" and isinstance(blocks[0].input, dict)
 
 
 def test_anthropic_errors_are_sdk_exceptions():

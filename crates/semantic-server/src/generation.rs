@@ -137,6 +137,18 @@ pub struct Generation {
     done: bool,
 }
 
+/// A generation dropped before its last event: the client went away (the
+/// engine cancels it at its next step). Counted and logged as `cancelled`,
+/// as a finished one is.
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            metrics::record_cancelled(self.api);
+            tracing::info!(request = %self.id, reason = "cancelled", "client left before the end");
+        }
+    }
+}
+
 /// One generated token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenToken {

@@ -108,6 +108,11 @@ pub fn record_finished(api: &'static str, usage: &Usage, reason: &'static str) {
 
 /// Prompt tokens prefilled by this request. The engine's `computed_tokens`
 /// when it reports one, else every prompt token not read from a cache.
+/// A request whose client left before its end.
+pub fn record_cancelled(api: &'static str) {
+    counter!(FINISHED, "api" => api, "reason" => "cancelled").increment(1);
+}
+
 pub fn computed_prompt_tokens(usage: &Usage) -> usize {
     if usage.computed_tokens > 0 {
         usage.computed_tokens

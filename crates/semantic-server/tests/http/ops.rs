@@ -191,6 +191,8 @@ fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
         assert!(Instant::now() < deadline, "the sequence still runs after the client left");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let m = get(s.addr, "/metrics").text();
+    assert!(m.lines().any(|l| l.contains("reason=\"cancelled\"") && l.contains("api=\"openai_chat\"")), "{m}");
     s.stop();
     s.join().unwrap();
 }
