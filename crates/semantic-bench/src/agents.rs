@@ -142,7 +142,12 @@ impl<'a> AgentsApi<'a> {
     /// the next measurement does not share the CPU with earlier writes.
     pub fn quiesce(&self) -> Result<(), BenchError> {
         let t0 = Instant::now();
-        while self.list()?.iter().any(|a| a.dirty || a.active) {
+        // A deleted agent's save still in flight is in no list, but its
+        // file may be on disk until the engine sees the write end.
+        let saving = || -> Result<bool, BenchError> {
+            Ok(self.client.get_json("/health/ready")?["saves_in_flight"].as_u64().unwrap_or(0) > 0)
+        };
+        while self.list()?.iter().any(|a| a.dirty || a.active) || saving()? {
             if t0.elapsed() > Duration::from_secs(120) {
                 return Err(BenchError::Timeout { what: "the persister to go idle".into(), seconds: 120 });
             }

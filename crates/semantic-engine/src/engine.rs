@@ -79,6 +79,9 @@ pub struct EngineStats {
     pub disk_bytes: u64,
     pub warm_agents: usize,
     pub save_errors: u64,
+    /// Agent cache saves not finished (being copied out of the pool or
+    /// written): 0 once the disk tier is idle.
+    pub saves_in_flight: usize,
     pub last_step: StepStats,
 }
 
@@ -394,6 +397,7 @@ impl Engine {
             disk_bytes: self.tiers.as_ref().map_or(0, Tiers::warm_bytes),
             warm_agents: self.tiers.as_ref().map_or(0, |t| t.warm_entries().count()),
             save_errors: self.tiers.as_ref().map_or(0, |t| t.save_errors),
+            saves_in_flight: self.tiers.as_ref().map_or(0, Tiers::saves_in_flight),
             ..self.stats.clone()
         }
     }

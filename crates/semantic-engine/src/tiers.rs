@@ -20,15 +20,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use semantic_core::AgentId;
 use semantic_kv::{BlockTable, KvPool};
 use semantic_store::{
-    load_agent_cache, quarantine, write_agent_cache_with, CacheError, KvCodec, KvSnapshot, ModelFingerprint, SaveStats,
-    WarmEntry, WarmIndex, WriteOptions,
+    load_agent_cache, quarantine, write_agent_cache_unless, CacheError, KvCodec, KvSnapshot, ModelFingerprint,
+    SaveStats, WarmEntry, WarmIndex, WriteOptions,
 };
 
 /// Bytes of K/V copied into snapshots per engine loop turn, in whole runs
@@ -114,6 +114,11 @@ pub(crate) struct Tiers {
     pending: HashMap<AgentId, usize>,
     /// Deleted while a write was in flight: the file goes when it lands.
     deleted: HashSet<AgentId>,
+    /// Deleted agents -> the last version queued before the delete: the
+    /// persister calls those saves off (before writing, and again before
+    /// publishing), so a deleted agent's file does not land after the
+    /// DELETE answered. Cleared when nothing is in flight.
+    called_off: Arc<Mutex<HashMap<AgentId, u64>>>,
     persister: Option<JoinHandle<()>>,
     pub(crate) times: HashMap<AgentId, IoTimes>,
     pub(crate) save_errors: u64,
@@ -137,11 +142,26 @@ impl Tiers {
         let (done_tx, done) = mpsc::channel();
         let (dir, fp, codec) = (cfg.dir.clone(), cfg.fingerprint, cfg.codec);
         let opts = WriteOptions { fail_after_bytes: cfg.fail_after_bytes };
+        let called_off: Arc<Mutex<HashMap<AgentId, u64>>> = Arc::default();
+        let off = Arc::clone(&called_off);
         let persister = std::thread::Builder::new()
             .name("semantic-persister".into())
             .spawn(move || {
                 for job in rx {
-                    let result = write_agent_cache_with(&opts, &dir, &job.agent, &fp, codec, &job.tokens, &job.snap);
+                    let cancelled = || {
+                        let off = off.lock().unwrap_or_else(|e| e.into_inner());
+                        off.get(&job.agent).is_some_and(|&v| v >= job.version)
+                    };
+                    let result = write_agent_cache_unless(
+                        &opts,
+                        &dir,
+                        &job.agent,
+                        &fp,
+                        codec,
+                        &job.tokens,
+                        &job.snap,
+                        &cancelled,
+                    );
                     let (agent, version, engine_max) = (job.agent, job.version, job.engine_max);
                     let _ = done_tx.send(SaveDone { agent, version, engine_max, result });
                 }
@@ -159,6 +179,7 @@ impl Tiers {
             in_flight: 0,
             pending: HashMap::new(),
             deleted: HashSet::new(),
+            called_off,
             persister: Some(persister),
             times: HashMap::new(),
             save_errors: 0,
@@ -185,6 +206,11 @@ impl Tiers {
 
     pub(crate) fn has_work(&self) -> bool {
         !self.copying.is_empty() || self.in_flight > 0
+    }
+
+    /// Saves being copied out of the pool or written.
+    pub(crate) fn saves_in_flight(&self) -> usize {
+        self.copying.len() + self.in_flight
     }
 
     pub(crate) fn has_copy_work(&self) -> bool {
@@ -263,6 +289,14 @@ impl Tiers {
             self.in_flight -= 1;
             self.finish_save(done);
         }
+        if self.in_flight == 0 {
+            // Nothing queued can be called off any more; later saves have
+            // newer versions.
+            let mut off = self.called_off.lock().unwrap_or_else(|e| e.into_inner());
+            if !off.is_empty() {
+                off.clear();
+            }
+        }
         if self.last_ttl_check.elapsed() > Duration::from_secs(10) {
             self.last_ttl_check = Instant::now();
             self.expire();
@@ -294,6 +328,9 @@ impl Tiers {
             if let Ok(stats) = &done.result {
                 let _ = std::fs::remove_file(&stats.path);
             }
+            return;
+        }
+        if let Err(CacheError::Cancelled(_)) = &done.result {
             return;
         }
         match done.result {
@@ -343,6 +380,7 @@ impl Tiers {
         self.dirty.remove(agent);
         if self.pending.remove(agent).is_some() {
             self.deleted.insert(agent.clone());
+            self.called_off.lock().unwrap_or_else(|e| e.into_inner()).insert(agent.clone(), self.version);
             found = true;
         }
         self.remove_file(agent) || found

@@ -264,3 +264,36 @@ fn files_unused_past_the_ttl_expire_unless_pinned() {
     f.stop();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Agents deleted right after their requests (their saves queued or being
+/// written) leave no file once the disk tier is idle, and none lands after
+/// that: the persister calls their saves off.
+#[test]
+fn deleting_agents_with_saves_in_flight_leaves_no_file() {
+    let dir = tempdir("delete-in-flight");
+    let f = start(Some(&dir), 1 << 30);
+    let files = || -> Vec<PathBuf> {
+        std::fs::read_dir(dir.join("b179c9523d0e6a0f"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for i in 0..12 {
+        let a = format!("gone-{i}");
+        f.ask(Some(&a), &conversation(0));
+        f.ask(Some(&a), &conversation(1));
+        assert!(f.rt.block_on(f.handle.delete_agent(AgentId::new(&a).unwrap())).unwrap());
+    }
+    for _ in 0..500 {
+        if f.rt.block_on(f.handle.stats()).unwrap().saves_in_flight == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(f.rt.block_on(f.handle.stats()).unwrap().saves_in_flight, 0);
+    assert!(files().is_empty(), "{:?}", files());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(files().is_empty(), "a file landed later: {:?}", files());
+    assert!(f.rt.block_on(f.handle.agents()).unwrap().is_empty());
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -38,6 +38,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         "waiting": stats.waiting,
         "free_blocks": stats.free_blocks,
         "pool_blocks": stats.pool_blocks,
+        "saves_in_flight": stats.saves_in_flight,
     }))
     .into_response()
 }

@@ -28,6 +28,10 @@ pub enum CacheError {
     /// The KV pool has too few free blocks for the cache; nothing was loaded.
     #[error("KV pool has {free} free blocks, the cache needs {needed}")]
     PoolFull { needed: usize, free: usize },
+    /// The save was called off before its file was published (the agent
+    /// was deleted meanwhile); nothing was left on disk.
+    #[error("saving {0} was cancelled")]
+    Cancelled(PathBuf),
     /// The caller passed arguments that cannot describe a cache (a bug in
     /// the caller, not a bad file).
     #[error("invalid cache request: {0}")]

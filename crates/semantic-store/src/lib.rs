@@ -39,4 +39,7 @@ pub use fingerprint::{FingerprintError, ModelFingerprint};
 pub use format::{cache_path, read_header, CacheHeader, KvDims, FORMAT_VERSION};
 pub use read::{load_agent_cache, load_agent_snapshot, quarantine, LoadedCache};
 pub use warm::{Quarantined, ScanReport, WarmEntry, WarmIndex};
-pub use write::{write_agent_cache, write_agent_cache_with, KvSnapshot, KvSource, PoolSource, SaveStats, WriteOptions};
+pub use write::{
+    write_agent_cache, write_agent_cache_unless, write_agent_cache_with, KvSnapshot, KvSource, PoolSource, SaveStats,
+    WriteOptions,
+};

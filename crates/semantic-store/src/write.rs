@@ -227,10 +227,32 @@ pub fn write_agent_cache_with(
     tokens: &[u32],
     source: &dyn KvSource,
 ) -> Result<SaveStats, CacheError> {
+    write_agent_cache_unless(opts, dir, agent, fingerprint, codec, tokens, source, &|| false)
+}
+
+/// [`write_agent_cache_with`], called off when `cancelled()` turns true
+/// before the file is published (it is asked before the temp file is
+/// created and again just before the rename): the temp file is removed
+/// and the result is [`CacheError::Cancelled`]. A deleted agent's save that
+/// was already queued then leaves nothing behind.
+#[allow(clippy::too_many_arguments)]
+pub fn write_agent_cache_unless(
+    opts: &WriteOptions,
+    dir: &Path,
+    agent: &AgentId,
+    fingerprint: &ModelFingerprint,
+    codec: KvCodec,
+    tokens: &[u32],
+    source: &dyn KvSource,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<SaveStats, CacheError> {
     let start = Instant::now();
     let dims = source.dims();
     let plan = check_request(dims, codec, tokens.len(), source.n_positions())?;
     let path = cache_path(dir, fingerprint, agent);
+    if cancelled() {
+        return Err(CacheError::Cancelled(path));
+    }
     let sub = path.parent().expect("cache_path has a parent");
     let new_dir = !sub.is_dir();
     fs::create_dir_all(sub).map_err(|e| CacheError::io("create dir", sub, e))?;
@@ -252,7 +274,7 @@ pub fn write_agent_cache_with(
     let mut sink = Sink { file, written: 0, limit: opts.fail_after_bytes };
     let written = write_body(&mut sink, &header, checksum_at, codec, dims, tokens, source);
     let sync_start = Instant::now();
-    publish(written, sink.file, &tmp, &path)?;
+    publish(written, sink.file, &tmp, &path, cancelled)?;
     if new_dir {
         sync_dir(dir)?;
     }
@@ -284,13 +306,23 @@ fn check_request(dims: KvDims, codec: KvCodec, n_tokens: usize, n_positions: usi
 }
 
 /// fsync the written temp file, rename it over `path`, fsync the directory.
-/// Any failure before the rename removes the temp file.
-fn publish(written: io::Result<()>, file: File, tmp: &Path, path: &Path) -> Result<(), CacheError> {
+/// Any failure (or a cancel) before the rename removes the temp file.
+fn publish(
+    written: io::Result<()>,
+    file: File,
+    tmp: &Path,
+    path: &Path,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), CacheError> {
     let durable = written.and_then(|_| file.sync_all());
     drop(file);
     if let Err(e) = durable {
         let _ = fs::remove_file(tmp);
         return Err(CacheError::io("write", path, e));
+    }
+    if cancelled() {
+        let _ = fs::remove_file(tmp);
+        return Err(CacheError::Cancelled(path.to_path_buf()));
     }
     if let Err(e) = fs::rename(tmp, path) {
         let _ = fs::remove_file(tmp);

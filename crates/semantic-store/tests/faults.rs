@@ -189,6 +189,38 @@ fn disk_full_leaves_no_partial_file() {
     pool.free_table(skip).unwrap();
 }
 
+/// A save called off before it starts, or after writing but before the
+/// rename, leaves no file and no temp file; an older file stays.
+#[test]
+fn a_cancelled_save_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 33;
+    let (mut pool, table, skip) = filled_pool(small(4), n, 2, 0);
+    let src = PoolSource::new(&pool, table.blocks());
+    let (a, sub) = (agent("gone"), dir.path().join(fp().as_str()));
+    let opts = WriteOptions::default();
+    let save = |cancelled: &dyn Fn() -> bool| {
+        write_agent_cache_unless(&opts, dir.path(), &a, &fp(), KvCodec::F16, &tokens(n, 1), &src, cancelled)
+    };
+    assert!(matches!(save(&|| true), Err(CacheError::Cancelled(_))));
+    assert!(ls(&sub).is_empty());
+    // Called off between the write and the rename (the second question).
+    let asked = std::cell::Cell::new(0);
+    let second = || {
+        asked.set(asked.get() + 1);
+        asked.get() > 1
+    };
+    assert!(matches!(save(&second), Err(CacheError::Cancelled(_))));
+    assert_eq!(asked.get(), 2);
+    assert!(ls(&sub).is_empty(), "{:?}", ls(&sub));
+    save(&|| false).unwrap();
+    asked.set(0);
+    assert!(matches!(save(&second), Err(CacheError::Cancelled(_))));
+    assert_eq!(ls(&sub), ["gone.safetensors"], "the older file stays");
+    pool.free_table(table).unwrap();
+    pool.free_table(skip).unwrap();
+}
+
 /// A real full file system where the test may mount a 1 MiB tmpfs (root);
 /// skipped with a note elsewhere (the injected ENOSPC above covers it).
 #[test]
