@@ -153,7 +153,7 @@ pub struct Engine {
     tok: Tokenizer,
     /// Each token's text as bytes (`None`: a special token), built at the
     /// first JSON-constrained request.
-    token_bytes: Option<std::sync::Arc<Vec<Option<Vec<u8>>>>>,
+    token_bytes: Option<Vec<Option<Vec<u8>>>>,
     pool: KvPool,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -363,7 +363,7 @@ impl Engine {
             let bytes = (0..tok.vocab_size() as u32)
                 .map(|t| (!tok.is_special(t)).then(|| tok.token_bytes(t).map(<[u8]>::to_vec)).flatten())
                 .collect();
-            self.token_bytes = Some(std::sync::Arc::new(bytes));
+            self.token_bytes = Some(bytes);
         }
         let seq = Seq {
             tokens: req.prompt.clone(),
