@@ -81,8 +81,8 @@ pub struct AttnShape {
 
 /// One work item: a tile of new tokens of one sequence and one kv head, over
 /// keys `k0..k1`; `part` is the first of its `nt` slots in the
-/// split-results buffer when the tile's key range is split. Only the last
-/// part of a split tile holds keys past its first token's causal limit.
+/// split-results buffer when the tile's key range is split (the first part
+/// from key 0, each later one a single span of [`SPLIT_KEYS`] keys).
 #[derive(Clone, Copy, Debug)]
 struct Item {
     seq: usize,
@@ -111,7 +111,7 @@ fn tile_cost(nt: usize, keys: usize) -> usize {
 ///   threads (a prefill chunk deep in its context beside short decodes)
 ///   splits so that the lanes can balance. Before, a 2-token chunk at
 ///   position 1500 beside one decode was 3 long items: one thread ran two.
-fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, bs: usize, split: bool) -> Vec<Item> {
+fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, split: bool) -> Vec<Item> {
     let tiles = || {
         seqs.iter().enumerate().flat_map(|(si, s)| {
             (0..s.n_new).step_by(QUERY_TILE).map(move |t0| (si, t0, (s.n_new - t0).min(QUERY_TILE)))
@@ -128,19 +128,20 @@ fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, bs: usize,
         let few = if nt == 1 && base < 2 * threads { (4 * threads).div_ceil(base) } else { 1 };
         let dear = if threads > 1 { tile_cost(nt, n_keys).div_ceil(share) } else { 1 };
         let want = if split { few.max(dear) } else { 1 };
-        // Every part but the last ends at or before the first query's
-        // causal limit, so all the tile's queries see all of its keys.
-        let visible = (n_keys + 1 - nt) / bs * bs;
-        let n_split = want.min(visible / SPLIT_KEYS).max(1);
-        let span = visible.div_ceil(n_split).next_multiple_of(bs);
+        // Parts begin at multiples of SPLIT_KEYS: the first holds
+        // [0, a) and folds its spans as an unsplit item does, every later
+        // part holds one span (see `fold`), so a split result is bit for
+        // bit the unsplit one.
+        let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
         for g in 0..shape.n_kv_heads {
             if n_split == 1 {
                 items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None });
                 continue;
             }
+            let a = (n_keys / n_split / SPLIT_KEYS).max(1) * SPLIT_KEYS;
             let mut k0 = 0;
             while k0 < n_keys {
-                let k1 = if k0 + span >= visible { n_keys } else { k0 + span };
+                let k1 = if k0 == 0 { a } else { (k0 + SPLIT_KEYS).min(n_keys) };
                 items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(slots) });
                 slots += nt;
                 k0 = k1;
@@ -231,10 +232,10 @@ fn paged_attention_on(
     let simd = path != Path::Scalar;
     let bs = pool.layout().block_size;
     #[cfg(target_arch = "x86_64")]
-    let split = simd && simd::tiles_supported(shape.head_dim, bs, group);
+    let split = simd && simd::tiles_supported(shape.head_dim, bs, group) && std::env::var_os("NOSPLIT").is_none();
     #[cfg(not(target_arch = "x86_64"))]
     let split = false;
-    let items = plan_items(seqs, shape, super::team::threads(), bs, split);
+    let items = plan_items(seqs, shape, super::team::threads(), split);
     // Split items write, per query, its unnormalized acc, then m and l.
     let part_len = len + 2 * group;
     let n_parts: usize = items.iter().filter(|i| i.part.is_some()).map(|i| i.nt).sum();
@@ -262,7 +263,6 @@ fn paged_attention_on(
     let run = |it: &Item, next: Option<&Item>| {
         let s = &seqs[it.seq];
         let then = next.map(|n| (&seqs[n.seq].block_table[n.k0 / bs..], n.kv_head));
-        let causal = it.k1 == s.start_pos + it.t0 + it.nt;
         let keys = Keys {
             pool,
             layer,
@@ -270,7 +270,7 @@ fn paged_attention_on(
             table: s.block_table,
             first_key: it.k0,
             n_keys: it.k1,
-            causal,
+            causal_end: s.start_pos + it.t0 + it.nt,
             then,
         };
         // On the stack: a heap Vec per item was two allocations for each
@@ -334,6 +334,32 @@ fn paged_attention_on(
 #[cfg(target_arch = "x86_64")]
 type TileFn = unsafe fn(&QueryTile<'_>, &mut [&mut [f32]], &Keys<'_>, AttnShape, Option<&mut [f32]>);
 
+/// Folds a span's partial softmax `(m, l, acc)` (unnormalized `acc`) into
+/// a running total `(tm, tl, tacc)`. The kernels fold at every multiple of
+/// [`SPLIT_KEYS`] keys and [`merge_parts`] folds split parts with this same
+/// function in the same order, so a query's output does not depend on how
+/// its key range was split between threads (nor, therefore, on the other
+/// sequences of the step or the chunking of a prompt). An empty side
+/// (`m = -inf`) leaves the other exactly as it is.
+#[inline]
+pub(crate) fn fold(tm: &mut f32, tl: &mut f32, tacc: &mut [f32], m: f32, l: f32, acc: &[f32]) {
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    if *tm == f32::NEG_INFINITY {
+        (*tm, *tl) = (m, l);
+        tacc.copy_from_slice(acc);
+        return;
+    }
+    let mx = tm.max(m);
+    let (a, b) = ((*tm - mx).exp(), (m - mx).exp());
+    *tl = *tl * a + l * b;
+    for (t, v) in tacc.iter_mut().zip(acc) {
+        *t = *t * a + v * b;
+    }
+    *tm = mx;
+}
+
 /// Combines the split results of each (token, kv head):
 /// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
 /// A part's slots are its tile's queries in order: accs `[nt][len]`, then
@@ -369,20 +395,15 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
                 &parts[p..p + 2 * group]
             };
             for h in 0..group {
-                let m = (0..n).map(|k| ml(k)[h]).fold(f32::NEG_INFINITY, f32::max);
-                let mut l = 0f32;
                 let oh = &mut o[h * hd..(h + 1) * hd];
                 oh.fill(0.0);
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
                 for k in 0..n {
-                    let w = (ml(k)[h] - m).exp();
-                    l += ml(k)[group + h] * w;
-                    for (d, v) in oh.iter_mut().zip(&acc(k)[h * hd..(h + 1) * hd]) {
-                        *d += v * w;
-                    }
+                    fold(&mut m, &mut l, oh, ml(k)[h], ml(k)[group + h], &acc(k)[h * hd..(h + 1) * hd]);
                 }
-                for d in oh.iter_mut() {
-                    *d /= l;
-                }
+                // As the kernels normalize: times the reciprocal.
+                let r = 1.0 / l;
+                oh.iter_mut().for_each(|d| *d *= r);
             }
         }
         i += n;
@@ -411,10 +432,9 @@ pub struct Keys<'a> {
     pub first_key: usize,
     /// End of the key range (for a tile: the last token's causal limit).
     pub n_keys: usize,
-    /// Whether `n_keys` is the tile's causal limit, so that token `t` of
-    /// `nt` sees keys below `n_keys - (nt - 1 - t)`; else (an early part
-    /// of a split range) every token sees the whole range.
-    pub causal: bool,
+    /// The tile's last token's causal limit: token `t` of `nt` sees keys
+    /// below `min(n_keys, causal_end - (nt - 1 - t))`.
+    pub causal_end: usize,
     /// Blocks and kv head of the work item this thread runs next, from its
     /// first key: the last span prefetches them (see `attend_spans`).
     pub then: Option<(&'a [BlockId], usize)>,
@@ -1088,10 +1108,19 @@ mod simd {
         with_scratch(tile, outs, keys, shape, partial, spans_avx512)
     }
 
-    type SpansFn =
-        unsafe fn(&QueryTile<'_>, &mut [&mut [f32]], &Keys<'_>, AttnShape, &mut [f32], &mut [f32], Option<&mut [f32]>);
+    type SpansFn = unsafe fn(
+        &QueryTile<'_>,
+        &mut [&mut [f32]],
+        &Keys<'_>,
+        AttnShape,
+        &mut [f32],
+        &mut [f32],
+        &mut [f32],
+        Option<&mut [f32]>,
+    );
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn spans_avx2(
         tile: &QueryTile<'_>,
         outs: &mut [&mut [f32]],
@@ -1099,12 +1128,14 @@ mod simd {
         shape: AttnShape,
         kbuf: &mut [f32],
         vbuf: &mut [f32],
+        tbuf: &mut [f32],
         partial: Option<&mut [f32]>,
     ) {
-        attend_spans::<Avx2>(tile, outs, keys, shape, kbuf, vbuf, partial)
+        attend_spans::<Avx2>(tile, outs, keys, shape, kbuf, vbuf, tbuf, partial)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn spans_avx512(
         tile: &QueryTile<'_>,
         outs: &mut [&mut [f32]],
@@ -1112,9 +1143,10 @@ mod simd {
         shape: AttnShape,
         kbuf: &mut [f32],
         vbuf: &mut [f32],
+        tbuf: &mut [f32],
         partial: Option<&mut [f32]>,
     ) {
-        attend_spans::<Avx512>(tile, outs, keys, shape, kbuf, vbuf, partial)
+        attend_spans::<Avx512>(tile, outs, keys, shape, kbuf, vbuf, tbuf, partial)
     }
 
     /// Whether the SIMD tiles take this shape (else each query runs the
@@ -1146,9 +1178,10 @@ mod simd {
         // Per-thread scratch: zeroing two 64 KiB stack arrays per work item
         // was a third of a decode step's attention time.
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(2 * SPAN * hd, 0.0);
-            let (kbuf, vbuf) = scratch.split_at_mut(SPAN * hd);
-            spans(tile, outs, keys, shape, kbuf, vbuf, partial);
+            scratch.resize(2 * SPAN * hd + super::QUERY_TILE * tile.len, 0.0);
+            let (kbuf, rest) = scratch.split_at_mut(SPAN * hd);
+            let (vbuf, tbuf) = rest.split_at_mut(SPAN * hd);
+            spans(tile, outs, keys, shape, kbuf, vbuf, tbuf, partial);
         });
     }
 
@@ -1179,6 +1212,12 @@ mod simd {
         rescale
     }
 
+    /// `tbuf` holds the folded totals of an item that starts at key 0
+    /// (`nt * len`): at every multiple of [`super::SPLIT_KEYS`] the running
+    /// span's `(m, l, acc)` is folded into them and the span starts afresh,
+    /// so that the result is the same fold of the same span partials
+    /// whether the range ran here whole or as split parts.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn attend_spans<L: Lanes>(
         tile: &QueryTile<'_>,
@@ -1187,6 +1226,7 @@ mod simd {
         shape: AttnShape,
         kbuf: &mut [f32],
         vbuf: &mut [f32],
+        tbuf: &mut [f32],
         partial: Option<&mut [f32]>,
     ) {
         let hd = shape.head_dim;
@@ -1205,6 +1245,31 @@ mod simd {
             o.fill(0.0);
         }
         debug_assert!(keys.first_key.is_multiple_of(bs));
+        debug_assert!(
+            keys.first_key == 0
+                || (keys.first_key.is_multiple_of(super::SPLIT_KEYS)
+                    && keys.n_keys - keys.first_key <= super::SPLIT_KEYS),
+            "a later part is one span"
+        );
+        let folds = keys.first_key == 0;
+        let (mut tm, mut tl) =
+            ([[f32::NEG_INFINITY; MAX_GROUP]; super::QUERY_TILE], [[0f32; MAX_GROUP]; super::QUERY_TILE]);
+        // Folds the running span of every query into the totals and
+        // starts the next span empty.
+        let mut fold_all = |m: &mut [[f32; MAX_GROUP]; super::QUERY_TILE],
+                            l: &mut [[f32; MAX_GROUP]; super::QUERY_TILE],
+                            outs: &mut [&mut [f32]]| {
+            for (t, o) in outs.iter_mut().enumerate() {
+                let tacc = &mut tbuf[t * tile.len..(t + 1) * tile.len];
+                for h in 0..group {
+                    let r = h * hd..(h + 1) * hd;
+                    super::fold(&mut tm[t][h], &mut tl[t][h], &mut tacc[r.clone()], m[t][h], l[t][h], &o[r]);
+                    m[t][h] = f32::NEG_INFINITY;
+                    l[t][h] = 0.0;
+                }
+                o.fill(0.0);
+            }
+        };
         let direct = L::DIRECT && hd == 64 && bs == 16;
         let mut first = keys.first_key;
         // The direct path prefetches the next span as it goes.
@@ -1212,6 +1277,9 @@ mod simd {
             prefetch_span(keys, first + s * per * bs);
         }
         while first < keys.n_keys {
+            if folds && first > 0 && first.is_multiple_of(super::SPLIT_KEYS) {
+                fold_all(&mut m, &mut l, outs);
+            }
             let n = (keys.n_keys - first).min(per * bs);
             if !direct {
                 prefetch_span(keys, first + KV_AHEAD * per * bs);
@@ -1255,7 +1323,7 @@ mod simd {
                     L::to_f32(&v[..valid * hd], &mut vbuf[at..at + valid * hd]);
                 }
             }
-            let limit = |t: usize| if keys.causal { keys.n_keys - (nt - 1 - t) } else { keys.n_keys };
+            let limit = |t: usize| keys.n_keys.min(keys.causal_end - (nt - 1 - t));
             let mut t = 0;
             while t < nt {
                 if first >= limit(t) {
@@ -1322,6 +1390,13 @@ mod simd {
             }
             first += n;
         }
+        if folds {
+            fold_all(&mut m, &mut l, outs);
+            for (t, o) in outs.iter_mut().enumerate() {
+                o.copy_from_slice(&tbuf[t * tile.len..(t + 1) * tile.len]);
+            }
+            (m, l) = (tm, tl);
+        }
         if let Some(ml) = partial {
             for (t, mlt) in ml.chunks_exact_mut(2 * group).take(nt).enumerate() {
                 mlt[..group].copy_from_slice(&m[t][..group]);
@@ -1352,14 +1427,15 @@ mod tests {
         let table: Vec<BlockId> = (0..64).map(BlockId).collect();
         let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125 };
         let decode = AttnSeq { block_table: &table, start_pos: 999, n_new: 1, first_row: 0 };
-        let items = plan_items(&[decode], shape, 2, 16, true);
-        // 3 kv heads x 3 splits of at most 336 keys, aligned to blocks.
-        assert_eq!(items.len(), 9);
-        assert!(items.iter().all(|i| i.part.is_some() && i.k0 % 16 == 0 && i.k1 - i.k0 <= 336));
+        let items = plan_items(&[decode], shape, 2, true);
+        // 3 kv heads x (the first part, then one span of SPLIT_KEYS each).
+        assert_eq!(items.len(), 12);
+        assert!(items.iter().all(|i| i.part.is_some() && i.k0 % SPLIT_KEYS == 0));
+        assert!(items.iter().filter(|i| i.k0 > 0).all(|i| i.k1 - i.k0 <= SPLIT_KEYS));
         assert_eq!(items.iter().filter(|i| i.kv_head == 0).map(|i| i.k1 - i.k0).sum::<usize>(), 1000);
         let prefill = AttnSeq { n_new: 40, start_pos: 0, ..decode };
-        assert!(plan_items(&[prefill], shape, 2, 16, true).iter().all(|i| i.part.is_none()));
-        assert!(plan_items(&[decode], shape, 2, 16, false).iter().all(|i| i.part.is_none()));
+        assert!(plan_items(&[prefill], shape, 2, true).iter().all(|i| i.part.is_none()));
+        assert!(plan_items(&[decode], shape, 2, false).iter().all(|i| i.part.is_none()));
     }
 
     #[test]
@@ -1369,17 +1445,75 @@ mod tests {
         let decode = AttnSeq { block_table: &table, start_pos: 199, n_new: 1, first_row: 0 };
         for nt in [2, 5, 16] {
             let chunk = AttnSeq { block_table: &table, start_pos: 1500, n_new: nt, first_row: 1 };
-            let items = plan_items(&[decode, chunk], shape, 2, 16, true);
+            let items = plan_items(&[decode, chunk], shape, 2, true);
             let parts: Vec<&Item> = items.iter().filter(|i| i.seq == 1).collect();
             assert!(parts.len() > 3, "nt={nt}: the chunk's 3 items split");
             for it in &parts {
-                assert_eq!(it.k0 % 16, 0);
-                // Early parts end where every query of the tile sees all keys.
-                assert!(it.k1 == 1500 + nt || it.k1 < 1500 + 1, "nt={nt}: {it:?}");
+                // Parts start at span boundaries; a later part is one span.
+                assert_eq!(it.k0 % SPLIT_KEYS, 0, "nt={nt}: {it:?}");
+                assert!(it.k0 == 0 || it.k1 - it.k0 <= SPLIT_KEYS, "nt={nt}: {it:?}");
             }
+            assert!(parts.iter().any(|i| i.k1 == 1500 + nt));
             // The short decode is not split; a lone thread splits nothing.
             assert!(items.iter().filter(|i| i.seq == 0).all(|i| i.part.is_none()));
-            assert!(plan_items(&[decode, chunk], shape, 1, 16, true).iter().all(|i| i.part.is_none()));
+            assert!(plan_items(&[decode, chunk], shape, 1, true).iter().all(|i| i.part.is_none()));
+        }
+    }
+
+    /// The same query gets the same bits whether it runs in a tile of 16
+    /// (split between the threads or not) or alone as a decode (split or
+    /// not): reusing a cache or batching sequences differently must not
+    /// change a greedy reply.
+    #[test]
+    fn a_query_gets_the_same_bits_however_its_keys_are_split_or_tiled() {
+        let mut seed = 9;
+        let team = crate::kernels::team::Team::new(2).unwrap();
+        let (n_heads, n_kv, hd, bs) = (9, 3, 64, 16);
+        let layout = KvLayout { n_layers: 2, n_kv_heads: n_kv, head_dim: hd, block_size: bs };
+        let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: hd, scale: 0.125 };
+        let (start, nt) = (1084, 16);
+        let mut pool = KvPool::new(layout, (start + nt) / bs + 2);
+        let mut table = BlockTable::default();
+        assert!(pool.ensure_capacity(&mut table, start + nt));
+        for pos in 0..start + nt {
+            let k: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed) * 3.0).collect();
+            let v: Vec<f32> = (0..n_kv * hd).map(|_| lcg(&mut seed)).collect();
+            pool.write_token(table.blocks(), 1, pos, &k, &v);
+        }
+        let width = n_heads * hd;
+        let q: Vec<f32> = (0..nt * width).map(|_| lcg(&mut seed) * 2.0).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let path = Path::best(hd);
+        let tile = AttnSeq { block_table: table.blocks(), start_pos: start, n_new: nt, first_row: 0 };
+        let run_tile = |threads: Option<&crate::kernels::team::Team>| {
+            let mut out = vec![f32::NAN; q.len()];
+            let mut f = || paged_attention_on(path, &q, &mut out, None, &pool, 1, &[tile], shape);
+            match threads {
+                Some(t) => t.install(f),
+                None => f(),
+            }
+            out
+        };
+        let whole = run_tile(None);
+        assert_eq!(bits(&run_tile(Some(&team))), bits(&whole), "tile split between threads");
+        for t in 0..nt {
+            let one = AttnSeq { block_table: table.blocks(), start_pos: start + t, n_new: 1, first_row: 0 };
+            assert!(plan_items(&[one], shape, 2, true).iter().any(|i| i.part.is_some()), "a long decode splits");
+            let qr = &q[t * width..(t + 1) * width];
+            for threads in [None, Some(&team)] {
+                let mut out = vec![f32::NAN; width];
+                let mut f = || paged_attention_on(path, qr, &mut out, None, &pool, 1, &[one], shape);
+                match threads {
+                    Some(tm) => tm.install(f),
+                    None => f(),
+                }
+                assert_eq!(
+                    bits(&out),
+                    bits(&whole[t * width..(t + 1) * width]),
+                    "query {t}, team {}",
+                    threads.is_some()
+                );
+            }
         }
     }
 
@@ -1413,7 +1547,7 @@ mod tests {
                 AttnSeq { block_table: tables[0].blocks(), start_pos: lens[0] - 1, n_new: 1, first_row: 0 },
                 AttnSeq { block_table: tables[1].blocks(), start_pos: 1300, n_new: nt, first_row: 1 },
             ];
-            assert!(plan_items(&seqs, shape, 2, bs, true).iter().any(|i| i.part.is_some()));
+            assert!(plan_items(&seqs, shape, 2, true).iter().any(|i| i.part.is_some()));
             let width = n_heads * hd;
             let q: Vec<f32> = (0..(1 + nt) * width).map(|_| lcg(&mut seed)).collect();
             let mut out = vec![f32::NAN; q.len()];
@@ -1432,7 +1566,7 @@ mod tests {
                         kv_head: g,
                         table,
                         n_keys,
-                        causal: true,
+                        causal_end: n_keys,
                         then: None,
                     };
                     let mut want = vec![0f32; len];
@@ -1550,7 +1684,8 @@ mod tests {
             for g in 0..n_kv {
                 let off = t * n_heads * hd + g * len;
                 let n_keys = n_tok - n_new + t + 1;
-                let keys = Keys { first_key: 0, pool, layer: 1, kv_head: g, table, n_keys, causal: true, then: None };
+                let keys =
+                    Keys { first_key: 0, pool, layer: 1, kv_head: g, table, n_keys, causal_end: n_keys, then: None };
                 let mut want = vec![0f32; len];
                 attend_scalar(&q[off..off + len], &mut want, &keys, shape);
                 let bs = pool.layout().block_size;
