@@ -118,6 +118,53 @@ fn an_agents_next_turn_reuses_its_prefix_and_answers_as_a_cold_run() {
     f.handle.shutdown();
 }
 
+/// Past 512 tokens of context the attention splits long key ranges between
+/// the threads; the reply must not depend on that, on the prompt's
+/// chunking, or on a reused prefix (a 703-token chat once answered
+/// differently cold and from a shared prefix).
+#[test]
+fn long_prompts_answer_the_same_cold_chunked_or_from_a_shared_prefix() {
+    let facts: String = (0..40).map(|i| format!("Fact {i}: the number {i} squared is {}. ", i * i)).collect();
+    let msgs = vec![
+        ChatMessage::system(facts),
+        ChatMessage::user("What is 7 squared? Answer briefly."),
+        ChatMessage::assistant("49."),
+        ChatMessage::user("And 12 squared?"),
+    ];
+    // Token ids and the bits of their logprobs (far more sensitive than
+    // the argmax alone).
+    let run = |f: &Fixture, agent: Option<&str>| {
+        let mut req = f.request(agent, &msgs, 12);
+        req.logprobs = true;
+        let mut s = f.handle.blocking_submit(req).unwrap();
+        let mut out = Vec::new();
+        loop {
+            match s.blocking_next().expect("a Finished event") {
+                TokenEvent::Token { id, logprob, .. } => out.push((id, logprob.map(f32::to_bits))),
+                TokenEvent::Finished { usage, .. } => return (out, usage),
+                TokenEvent::Error(e) => panic!("{e}"),
+            }
+        }
+    };
+    let f = start(128, 512);
+    let (cold, u) = run(&f, Some("a"));
+    assert!(u.prompt_tokens > 600, "{u:?}");
+    // Another agent with the same prompt reuses the full blocks; the first
+    // agent again reuses all but the last token.
+    let (shared, u2) = run(&f, Some("b"));
+    assert!(u2.cached_hot_tokens > 600, "{u2:?}");
+    let (again, u3) = run(&f, Some("a"));
+    assert!(u3.cached_hot_tokens > u2.cached_hot_tokens, "{u3:?}");
+    f.handle.shutdown();
+    // Prefilled in chunks of 100 tokens on a fresh engine.
+    let g = start(128, 100);
+    let (chunked, _) = run(&g, None);
+    g.handle.shutdown();
+    assert_eq!(shared, cold);
+    assert_eq!(again, cold);
+    assert_eq!(chunked, cold);
+}
+
 #[test]
 fn agents_sharing_a_system_prompt_share_its_blocks() {
     let f = start(256, 512);

@@ -92,6 +92,9 @@ struct Item {
     k0: usize,
     k1: usize,
     part: Option<usize>,
+    /// Result slots per query of a split part: 1 for the first part (its
+    /// spans folded), one per span of [`SPLIT_KEYS`] keys for the others.
+    spans: usize,
 }
 
 /// Fewest keys in one part of a split key range.
@@ -135,15 +138,18 @@ fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, split: boo
         let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
         for g in 0..shape.n_kv_heads {
             if n_split == 1 {
-                items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None });
+                items.push(Item { seq: si, t0, nt, kv_head: g, k0: 0, k1: n_keys, part: None, spans: 1 });
                 continue;
             }
-            let a = (n_keys / n_split / SPLIT_KEYS).max(1) * SPLIT_KEYS;
             let mut k0 = 0;
-            while k0 < n_keys {
-                let k1 = if k0 == 0 { a } else { (k0 + SPLIT_KEYS).min(n_keys) };
-                items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(slots) });
-                slots += nt;
+            for i in 1..=n_split {
+                let k1 = if i == n_split { n_keys } else { (i * n_keys / n_split / SPLIT_KEYS).max(1) * SPLIT_KEYS };
+                if k1 <= k0 {
+                    continue;
+                }
+                let spans = if k0 == 0 { 1 } else { (k1 - k0).div_ceil(SPLIT_KEYS) };
+                items.push(Item { seq: si, t0, nt, kv_head: g, k0, k1, part: Some(slots), spans });
+                slots += nt * spans;
                 k0 = k1;
             }
         }
@@ -238,7 +244,7 @@ fn paged_attention_on(
     let items = plan_items(seqs, shape, super::team::threads(), split);
     // Split items write, per query, its unnormalized acc, then m and l.
     let part_len = len + 2 * group;
-    let n_parts: usize = items.iter().filter(|i| i.part.is_some()).map(|i| i.nt).sum();
+    let n_parts: usize = items.iter().filter(|i| i.part.is_some()).map(|i| i.nt * i.spans).sum();
     let mut parts = vec![0f32; n_parts * part_len];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let parts_ptr = SendPtr(parts.as_mut_ptr());
@@ -289,14 +295,12 @@ fn paged_attention_on(
             let mut outs: [&mut [f32]; QUERY_TILE] = Default::default();
             if let Some(p) = it.part {
                 // SAFETY: each part slot belongs to exactly one item.
-                let slots =
-                    unsafe { std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), it.nt * part_len) };
-                let (accs, ml) = slots.split_at_mut(it.nt * len);
-                for (o, acc) in outs.iter_mut().zip(accs.chunks_exact_mut(len)) {
-                    *o = acc;
-                }
-                // SAFETY: AVX2/FMA/F16C checked by simd_available().
-                unsafe { attend_tile(&tile, &mut outs[..it.nt], &keys, shape, Some(ml)) };
+                let slots = unsafe {
+                    std::slice::from_raw_parts_mut(parts_ptr.get().add(p * part_len), it.spans * it.nt * part_len)
+                };
+                // SAFETY: AVX2/FMA/F16C checked by simd_available(); a split
+                // item accumulates in scratch and writes its slots.
+                unsafe { attend_tile(&tile, &mut [], &keys, shape, Some(slots)) };
             } else {
                 for (o, &off) in outs.iter_mut().zip(rows) {
                     // SAFETY: each (token, kv head) owns a disjoint range of `out`.
@@ -362,8 +366,8 @@ pub(crate) fn fold(tm: &mut f32, tl: &mut f32, tacc: &mut [f32], m: f32, l: f32,
 
 /// Combines the split results of each (token, kv head):
 /// `m = max m_i`, `out = sum(acc_i e^(m_i - m)) / sum(l_i e^(m_i - m))`.
-/// A part's slots are its tile's queries in order: accs `[nt][len]`, then
-/// `m` and `l` of each query (`[nt][2 * group]`).
+/// A part's slots hold, per span result, its tile's queries in order: accs
+/// `[nt][len]`, then `m` and `l` of each query (`[nt][2 * group]`).
 fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f32], shape: AttnShape) {
     let hd = shape.head_dim;
     let group = shape.n_heads / shape.n_kv_heads;
@@ -385,21 +389,22 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
         for t in 0..nt {
             let off = (seqs[it.seq].first_row + it.t0 + t) * width + it.kv_head * len;
             let o = &mut out[off..off + len];
-            // Query t of part k: its acc and its (m, l).
-            let acc = |k: usize| {
-                let p = items[i + k].part.expect("split part") * part_len;
-                &parts[p + t * len..p + (t + 1) * len]
-            };
-            let ml = |k: usize| {
-                let p = items[i + k].part.expect("split part") * part_len + nt * len + t * 2 * group;
-                &parts[p..p + 2 * group]
-            };
+            // Every span result of the tile, in key order: part k's span j
+            // is at slot `part + j * nt` (accs `[nt][len]`, then `(m, l)`).
+            let regions: Vec<usize> = (0..n)
+                .flat_map(|k| {
+                    let it = &items[i + k];
+                    (0..it.spans).map(move |j| (it.part.expect("split part") + j * nt) * part_len)
+                })
+                .collect();
             for h in 0..group {
                 let oh = &mut o[h * hd..(h + 1) * hd];
                 oh.fill(0.0);
                 let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-                for k in 0..n {
-                    fold(&mut m, &mut l, oh, ml(k)[h], ml(k)[group + h], &acc(k)[h * hd..(h + 1) * hd]);
+                for &r in &regions {
+                    let acc = &parts[r + t * len + h * hd..r + t * len + (h + 1) * hd];
+                    let ml = &parts[r + nt * len + t * 2 * group..r + nt * len + (t + 1) * 2 * group];
+                    fold(&mut m, &mut l, oh, ml[h], ml[group + h], acc);
                 }
                 // As the kernels normalize: times the reciprocal.
                 let r = 1.0 / l;
@@ -1178,10 +1183,21 @@ mod simd {
         // Per-thread scratch: zeroing two 64 KiB stack arrays per work item
         // was a third of a decode step's attention time.
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(2 * SPAN * hd + super::QUERY_TILE * tile.len, 0.0);
+            scratch.resize(2 * SPAN * hd + 2 * super::QUERY_TILE * tile.len, 0.0);
             let (kbuf, rest) = scratch.split_at_mut(SPAN * hd);
-            let (vbuf, tbuf) = rest.split_at_mut(SPAN * hd);
-            spans(tile, outs, keys, shape, kbuf, vbuf, tbuf, partial);
+            let (vbuf, rest) = rest.split_at_mut(SPAN * hd);
+            let (tbuf, abuf) = rest.split_at_mut(super::QUERY_TILE * tile.len);
+            if partial.is_some() {
+                // A split item's running span lives in scratch; its results
+                // go to its slots.
+                let mut accs: [&mut [f32]; super::QUERY_TILE] = Default::default();
+                for (a, chunk) in accs.iter_mut().zip(abuf.chunks_exact_mut(tile.len)) {
+                    *a = chunk;
+                }
+                spans(tile, &mut accs[..nt], keys, shape, kbuf, vbuf, tbuf, partial);
+            } else {
+                spans(tile, outs, keys, shape, kbuf, vbuf, tbuf, partial);
+            }
         });
     }
 
@@ -1245,13 +1261,28 @@ mod simd {
             o.fill(0.0);
         }
         debug_assert!(keys.first_key.is_multiple_of(bs));
-        debug_assert!(
-            keys.first_key == 0
-                || (keys.first_key.is_multiple_of(super::SPLIT_KEYS)
-                    && keys.n_keys - keys.first_key <= super::SPLIT_KEYS),
-            "a later part is one span"
-        );
+        debug_assert!(keys.first_key.is_multiple_of(super::SPLIT_KEYS), "parts start at span boundaries");
         let folds = keys.first_key == 0;
+        // Whether a span was folded into the totals (else the running span
+        // is the result: folding it into empty totals would copy it).
+        let mut folded = false;
+        let mut partial = partial;
+        let mut slot = 0;
+        // Writes the running span of every query to result slot `slot`
+        // (a later part of a split range, one slot per span).
+        let write_slot = |partial: &mut [f32],
+                          slot: usize,
+                          m: &[[f32; MAX_GROUP]; super::QUERY_TILE],
+                          l: &[[f32; MAX_GROUP]; super::QUERY_TILE],
+                          outs: &[&mut [f32]]| {
+            let region = &mut partial[slot * nt * (tile.len + 2 * group)..][..nt * (tile.len + 2 * group)];
+            let (accs, ml) = region.split_at_mut(nt * tile.len);
+            for (t, (acc, mlt)) in accs.chunks_exact_mut(tile.len).zip(ml.chunks_exact_mut(2 * group)).enumerate() {
+                acc.copy_from_slice(outs[t]);
+                mlt[..group].copy_from_slice(&m[t][..group]);
+                mlt[group..].copy_from_slice(&l[t][..group]);
+            }
+        };
         let (mut tm, mut tl) =
             ([[f32::NEG_INFINITY; MAX_GROUP]; super::QUERY_TILE], [[0f32; MAX_GROUP]; super::QUERY_TILE]);
         // Folds the running span of every query into the totals and
@@ -1277,8 +1308,19 @@ mod simd {
             prefetch_span(keys, first + s * per * bs);
         }
         while first < keys.n_keys {
-            if folds && first > 0 && first.is_multiple_of(super::SPLIT_KEYS) {
-                fold_all(&mut m, &mut l, outs);
+            if first > keys.first_key && first.is_multiple_of(super::SPLIT_KEYS) {
+                if folds {
+                    fold_all(&mut m, &mut l, outs);
+                    folded = true;
+                } else if let Some(p) = partial.as_deref_mut() {
+                    write_slot(p, slot, &m, &l, outs);
+                    slot += 1;
+                    for (t, o) in outs.iter_mut().enumerate() {
+                        m[t] = [f32::NEG_INFINITY; MAX_GROUP];
+                        l[t] = [0f32; MAX_GROUP];
+                        o.fill(0.0);
+                    }
+                }
             }
             let n = (keys.n_keys - first).min(per * bs);
             if !direct {
@@ -1390,18 +1432,15 @@ mod simd {
             }
             first += n;
         }
-        if folds {
+        if folded {
             fold_all(&mut m, &mut l, outs);
             for (t, o) in outs.iter_mut().enumerate() {
                 o.copy_from_slice(&tbuf[t * tile.len..(t + 1) * tile.len]);
             }
             (m, l) = (tm, tl);
         }
-        if let Some(ml) = partial {
-            for (t, mlt) in ml.chunks_exact_mut(2 * group).take(nt).enumerate() {
-                mlt[..group].copy_from_slice(&m[t][..group]);
-                mlt[group..].copy_from_slice(&l[t][..group]);
-            }
+        if let Some(p) = partial {
+            write_slot(p, slot, &m, &l, outs);
             return;
         }
         for (t, o) in outs.iter_mut().enumerate() {
@@ -1428,10 +1467,11 @@ mod tests {
         let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125 };
         let decode = AttnSeq { block_table: &table, start_pos: 999, n_new: 1, first_row: 0 };
         let items = plan_items(&[decode], shape, 2, true);
-        // 3 kv heads x (the first part, then one span of SPLIT_KEYS each).
-        assert_eq!(items.len(), 12);
+        // 3 kv heads x 3 parts from span boundaries; the later ones keep a
+        // result per span.
+        assert_eq!(items.len(), 9);
         assert!(items.iter().all(|i| i.part.is_some() && i.k0 % SPLIT_KEYS == 0));
-        assert!(items.iter().filter(|i| i.k0 > 0).all(|i| i.k1 - i.k0 <= SPLIT_KEYS));
+        assert!(items.iter().all(|i| i.spans == if i.k0 == 0 { 1 } else { (i.k1 - i.k0).div_ceil(SPLIT_KEYS) }));
         assert_eq!(items.iter().filter(|i| i.kv_head == 0).map(|i| i.k1 - i.k0).sum::<usize>(), 1000);
         let prefill = AttnSeq { n_new: 40, start_pos: 0, ..decode };
         assert!(plan_items(&[prefill], shape, 2, true).iter().all(|i| i.part.is_none()));
@@ -1449,9 +1489,8 @@ mod tests {
             let parts: Vec<&Item> = items.iter().filter(|i| i.seq == 1).collect();
             assert!(parts.len() > 3, "nt={nt}: the chunk's 3 items split");
             for it in &parts {
-                // Parts start at span boundaries; a later part is one span.
+                // Parts start at span boundaries.
                 assert_eq!(it.k0 % SPLIT_KEYS, 0, "nt={nt}: {it:?}");
-                assert!(it.k0 == 0 || it.k1 - it.k0 <= SPLIT_KEYS, "nt={nt}: {it:?}");
             }
             assert!(parts.iter().any(|i| i.k1 == 1500 + nt));
             // The short decode is not split; a lone thread splits nothing.
@@ -1515,6 +1554,7 @@ mod tests {
                 );
             }
         }
+        pool.free_table(table).unwrap();
     }
 
     #[test]
