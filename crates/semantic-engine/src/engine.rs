@@ -304,6 +304,17 @@ impl Engine {
         self.tiers.as_ref().is_some_and(Tiers::has_work)
     }
 
+    /// How long an idle loop may sleep before [`Engine::pump`] has work:
+    /// the next TTL check while unpinned files wait to expire.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        let t = self.tiers.as_ref()?;
+        if t.has_expiring_files() {
+            t.ttl_check_every()
+        } else {
+            None
+        }
+    }
+
     /// Snapshot copies left: the loop keeps turning without waiting.
     pub fn has_copy_work(&self) -> bool {
         self.tiers.as_ref().is_some_and(Tiers::has_copy_work)

@@ -200,6 +200,13 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return engine.flush(),
             }
+        } else if let Some(wait) = engine.idle_timeout() {
+            // Idle with files waiting for their TTL: wake to expire them.
+            match rx.recv_timeout(wait) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return engine.flush(),
+            }
         } else {
             match rx.recv() {
                 Ok(c) => Some(c),

@@ -297,10 +297,22 @@ impl Tiers {
                 off.clear();
             }
         }
-        if self.last_ttl_check.elapsed() > Duration::from_secs(10) {
+        if self.ttl_check_every().is_some_and(|every| self.last_ttl_check.elapsed() >= every) {
             self.last_ttl_check = Instant::now();
             self.expire();
         }
+    }
+
+    /// How often files are checked against the TTL: a tenth of it, between
+    /// 50 ms and 10 s; `None` without a TTL.
+    pub(crate) fn ttl_check_every(&self) -> Option<Duration> {
+        self.cfg.ttl.map(|ttl| (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(10)))
+    }
+
+    /// Whether a warm file waits for its TTL (the idle engine then wakes
+    /// every [`Self::ttl_check_every`] to expire it).
+    pub(crate) fn has_expiring_files(&self) -> bool {
+        self.cfg.ttl.is_some() && self.warm.iter().any(|e| !self.pinned.contains(&e.agent))
     }
 
     /// Deletes files unused for longer than the TTL (never pinned ones).

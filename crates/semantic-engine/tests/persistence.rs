@@ -262,6 +262,20 @@ fn files_unused_past_the_ttl_expire_unless_pinned() {
     assert_eq!(names, ["keep"]);
     assert!(!dir.join("b179c9523d0e6a0f/drop.safetensors").exists());
     f.stop();
+    // An idle server expires files on its own (nothing asks it anything).
+    let f = start_full(Some(&dir), 1 << 30, None, Some(Duration::from_millis(500)));
+    f.ask(Some("idle"), &conversation(0));
+    f.wait_saved("idle");
+    let idle = dir.join("b179c9523d0e6a0f/idle.safetensors");
+    assert!(idle.exists());
+    let t0 = std::time::Instant::now();
+    while idle.exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!idle.exists(), "an idle server kept a file past its TTL");
+    assert!(t0.elapsed() >= Duration::from_millis(300), "expired too early: {:?}", t0.elapsed());
+    assert!(dir.join("b179c9523d0e6a0f/keep.safetensors").exists(), "a pinned file expired");
+    f.stop();
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -181,9 +181,25 @@ fn total_memory_mib() -> Option<usize> {
     Some(kb >> 10)
 }
 
+/// The cache directory must be one the server can write: created if
+/// missing, and a file written and removed in it. Checked before the port
+/// is bound, so `--cache-dir /proc/x` is a usage error, not a server that
+/// fails every save.
+fn check_cache_dir(dir: &Path) -> Result<(), UsageError> {
+    let bad =
+        |e: std::io::Error| UsageError(format!("`--cache-dir` {} is not a writable directory: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(bad)?;
+    let probe = dir.join(format!(".semantic-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(bad)?;
+    std::fs::remove_file(&probe).map_err(bad)
+}
+
 pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     init_logging();
     args.check()?;
+    if args.disk_budget_mb > 0 {
+        check_cache_dir(&args.cache_dir.clone().unwrap_or_else(|| home.join("kv")))?;
+    }
     fixed_mmap_threshold();
     // Pull (with its progress bar) before the server starts.
     let model_path = match &args.model {
@@ -360,6 +376,19 @@ mod tests {
             let err = check(&["--kv-pool-mb", &(total + 1).to_string()]).unwrap_err();
             assert!(err.contains("more than this machine's memory"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_cache_dir_that_cannot_be_written_is_a_usage_error() {
+        let ok = std::env::temp_dir().join(format!("semantic-cache-dir-{}", std::process::id()));
+        assert_eq!(check_cache_dir(&ok.join("nested")).map_err(|e| e.0), Ok(()));
+        let file = ok.join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        for bad in [file.clone(), file.join("below"), PathBuf::from("/proc/semantic-nope")] {
+            let err = check_cache_dir(&bad).unwrap_err().0;
+            assert!(err.contains("`--cache-dir`") && err.contains("not a writable directory"), "{err}");
+        }
+        std::fs::remove_dir_all(&ok).unwrap();
     }
 
     #[test]
