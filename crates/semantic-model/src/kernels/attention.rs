@@ -252,7 +252,7 @@ fn paged_attention_on(
     let simd = path != Path::Scalar;
     let bs = pool.layout().block_size;
     #[cfg(target_arch = "x86_64")]
-    let split = simd && simd::tiles_supported(shape.head_dim, bs, group) && std::env::var_os("NOSPLIT").is_none();
+    let split = simd && simd::tiles_supported(shape.head_dim, bs, group);
     #[cfg(not(target_arch = "x86_64"))]
     let split = false;
     let items = plan_items(seqs, shape, super::team::threads(), split);
