@@ -95,8 +95,8 @@ pub struct AttnShape {
 
 /// One work item: a tile of new tokens of one sequence and one kv head, over
 /// keys `k0..k1`; `part` is the first of its `nt` slots in the
-/// split-results buffer when the tile's key range is split (the first part
-/// from key 0, each later one a single span of [`SPLIT_KEYS`] keys).
+/// split-results buffer when the tile's key range is split (parts start at
+/// multiples of [`SPLIT_KEYS`]; see [`fold`]).
 #[derive(Clone, Copy, Debug)]
 struct Item {
     seq: usize,
@@ -145,10 +145,9 @@ fn plan_items(seqs: &[AttnSeq<'_>], shape: AttnShape, threads: usize, split: boo
         let few = if nt == 1 && base < 2 * threads { (4 * threads).div_ceil(base) } else { 1 };
         let dear = if threads > 1 { tile_cost(nt, n_keys).div_ceil(share) } else { 1 };
         let want = if split { few.max(dear) } else { 1 };
-        // Parts begin at multiples of SPLIT_KEYS: the first holds
-        // [0, a) and folds its spans as an unsplit item does, every later
-        // part holds one span (see `fold`), so a split result is bit for
-        // bit the unsplit one.
+        // Parts begin at multiples of SPLIT_KEYS: the first folds its spans
+        // as an unsplit item does, every later one keeps a result per span
+        // (see `fold`), so a split result is bit for bit the unsplit one.
         let n_split = want.min(n_keys / SPLIT_KEYS).max(1);
         for g in 0..shape.n_kv_heads {
             if n_split == 1 {
@@ -400,17 +399,15 @@ fn merge_parts(items: &[Item], seqs: &[AttnSeq<'_>], parts: &[f32], out: &mut [f
             .take_while(|x| x.part.is_some() && x.seq == it.seq && x.t0 == it.t0 && x.kv_head == it.kv_head)
             .count();
         let nt = it.nt;
+        // Every span result of the tile, in key order: part k's span j is
+        // at slot `part + j * nt` (accs `[nt][len]`, then `(m, l)`).
+        let regions: Vec<usize> = items[i..i + n]
+            .iter()
+            .flat_map(|it| (0..it.spans).map(move |j| (it.part.expect("split part") + j * nt) * part_len))
+            .collect();
         for t in 0..nt {
             let off = (seqs[it.seq].first_row + it.t0 + t) * width + it.kv_head * len;
             let o = &mut out[off..off + len];
-            // Every span result of the tile, in key order: part k's span j
-            // is at slot `part + j * nt` (accs `[nt][len]`, then `(m, l)`).
-            let regions: Vec<usize> = (0..n)
-                .flat_map(|k| {
-                    let it = &items[i + k];
-                    (0..it.spans).map(move |j| (it.part.expect("split part") + j * nt) * part_len)
-                })
-                .collect();
             for h in 0..group {
                 let oh = &mut o[h * hd..(h + 1) * hd];
                 oh.fill(0.0);
@@ -1299,20 +1296,16 @@ mod simd {
         };
         let (mut tm, mut tl) =
             ([[f32::NEG_INFINITY; MAX_GROUP]; super::QUERY_TILE], [[0f32; MAX_GROUP]; super::QUERY_TILE]);
-        // Folds the running span of every query into the totals and
-        // starts the next span empty.
-        let mut fold_all = |m: &mut [[f32; MAX_GROUP]; super::QUERY_TILE],
-                            l: &mut [[f32; MAX_GROUP]; super::QUERY_TILE],
-                            outs: &mut [&mut [f32]]| {
-            for (t, o) in outs.iter_mut().enumerate() {
+        // Folds the running span of every query into the totals.
+        let mut fold_all = |m: &[[f32; MAX_GROUP]; super::QUERY_TILE],
+                            l: &[[f32; MAX_GROUP]; super::QUERY_TILE],
+                            outs: &[&mut [f32]]| {
+            for (t, o) in outs.iter().enumerate() {
                 let tacc = &mut tbuf[t * tile.len..(t + 1) * tile.len];
                 for h in 0..group {
                     let r = h * hd..(h + 1) * hd;
                     super::fold(&mut tm[t][h], &mut tl[t][h], &mut tacc[r.clone()], m[t][h], l[t][h], &o[r]);
-                    m[t][h] = f32::NEG_INFINITY;
-                    l[t][h] = 0.0;
                 }
-                o.fill(0.0);
             }
         };
         let direct = L::DIRECT && hd == 64 && bs == 16;
@@ -1323,17 +1316,18 @@ mod simd {
         }
         while first < keys.n_keys {
             if first > keys.first_key && first.is_multiple_of(super::SPLIT_KEYS) {
+                // The span ends: into the totals, or into its own slot.
                 if folds {
-                    fold_all(&mut m, &mut l, outs);
+                    fold_all(&m, &l, outs);
                     folded = true;
                 } else if let Some(p) = partial.as_deref_mut() {
                     write_slot(p, slot, &m, &l, outs);
                     slot += 1;
-                    for (t, o) in outs.iter_mut().enumerate() {
-                        m[t] = [f32::NEG_INFINITY; MAX_GROUP];
-                        l[t] = [0f32; MAX_GROUP];
-                        o.fill(0.0);
-                    }
+                }
+                for (t, o) in outs.iter_mut().enumerate() {
+                    m[t] = [f32::NEG_INFINITY; MAX_GROUP];
+                    l[t] = [0f32; MAX_GROUP];
+                    o.fill(0.0);
                 }
             }
             let n = (keys.n_keys - first).min(per * bs);
@@ -1447,7 +1441,7 @@ mod simd {
             first += n;
         }
         if folded {
-            fold_all(&mut m, &mut l, outs);
+            fold_all(&m, &l, outs);
             for (t, o) in outs.iter_mut().enumerate() {
                 o.copy_from_slice(&tbuf[t * tile.len..(t + 1) * tile.len]);
             }
@@ -1493,7 +1487,7 @@ mod tests {
     }
 
     #[test]
-    fn deep_chunks_beside_decodes_split_at_visible_keys() {
+    fn deep_chunks_beside_decodes_split_at_span_boundaries() {
         let table: Vec<BlockId> = (0..128).map(BlockId).collect();
         let shape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125 };
         let decode = AttnSeq { block_table: &table, start_pos: 199, n_new: 1, first_row: 0 };
