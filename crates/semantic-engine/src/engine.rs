@@ -619,17 +619,15 @@ impl Engine {
                 *l = f32::NEG_INFINITY;
             }
         }
+        // A token's text, for JSON mode (`None`: special or unknown).
+        let text_of = |t: u32| self.token_bytes.as_deref()?.get(t as usize)?.as_deref();
         let picked = match &s.json {
             None => s.sampler.sample(row, &s.tokens),
-            Some(j) => {
-                let bytes = self.token_bytes.as_deref().expect("built when the request came in");
-                let allowed = |t: u32| bytes.get(t as usize).and_then(Option::as_deref).is_some_and(|b| j.accepts(b));
-                s.sampler.sample_where(row, &s.tokens, allowed)
-            }
+            Some(j) => s.sampler.sample_where(row, &s.tokens, |t| text_of(t).is_some_and(|b| j.accepts(b))),
         };
         if let Some(j) = &mut s.json {
-            let bytes = self.token_bytes.as_deref().expect("built when the request came in");
-            if !bytes.get(picked.token as usize).and_then(Option::as_deref).is_some_and(|b| j.feed_all(b)) {
+            // Refused only when no token at all continues the object.
+            if !text_of(picked.token).is_some_and(|b| j.feed_all(b)) {
                 return self.end(id, None, Some("no token continues the JSON object".into()));
             }
         }
