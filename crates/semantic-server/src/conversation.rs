@@ -62,20 +62,16 @@ impl Conversation {
         if self.tools.is_empty() {
             return String::new();
         }
-        let only = match self.tools.as_slice() {
-            [one] => one.pointer("/function/name").and_then(Value::as_str),
+        // The tool to call: the named one, or the only one when any will do.
+        let named = match (&self.tool_use, self.tools.as_slice()) {
+            (Some(ToolUse::Named(name)), _) => Some(name.as_str()),
+            (Some(ToolUse::Required), [one]) => one.pointer("/function/name").and_then(Value::as_str),
             _ => None,
         };
-        match (&self.tool_use, only) {
-            // Any tool, and there is one: that one.
-            (Some(ToolUse::Required), Some(name)) => {
-                format!("{}\n{{\"name\": {}, {ARGUMENTS_OPEN}", tools::OPEN, Value::String(name.to_string()))
-            }
-            (Some(ToolUse::Required), None) => format!("{}\n{{\"name\": \"", tools::OPEN),
-            (Some(ToolUse::Named(name)), _) => {
-                format!("{}\n{{\"name\": {}, {ARGUMENTS_OPEN}", tools::OPEN, Value::String(name.clone()))
-            }
-            (Some(ToolUse::Auto) | None, _) => String::new(),
+        match (named, &self.tool_use) {
+            (Some(name), _) => format!("{}\n{{\"name\": {}, {ARGUMENTS_OPEN}", tools::OPEN, Value::String(name.into())),
+            (None, Some(ToolUse::Required)) => format!("{}\n{{\"name\": \"", tools::OPEN),
+            _ => String::new(),
         }
     }
 

@@ -170,12 +170,16 @@ pub fn finish_forced(
     }
 }
 
+/// The text after the first `key` in `s`.
+fn after<'a>(s: &'a str, key: &str) -> Option<&'a str> {
+    Some(&s[s.find(key)? + key.len()..])
+}
+
 fn forced_call(text: &str, known: &[String]) -> Option<ParsedCall> {
     let first_value = |s: &str| serde_json::Deserializer::from_str(s).into_iter::<Value>().next()?.ok();
-    let body = &text[text.find(OPEN)? + OPEN.len()..];
-    let after_name = &body[body.find("\"name\":")? + 7..];
+    let after_name = after(after(text, OPEN)?, "\"name\":")?;
     let name = first_value(after_name)?.as_str()?.to_string();
-    let after_args = &after_name[after_name.find("\"arguments\":")? + 12..];
+    let after_args = after(after_name, "\"arguments\":")?;
     let arguments = first_value(after_args).filter(Value::is_object)?;
     known.contains(&name).then_some(ParsedCall { name, arguments })
 }
