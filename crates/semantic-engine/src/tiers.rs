@@ -119,6 +119,8 @@ pub(crate) struct Tiers {
     /// publishing), so a deleted agent's file does not land after the
     /// DELETE answered. Cleared when nothing is in flight.
     called_off: Arc<Mutex<HashMap<AgentId, u64>>>,
+    /// `called_off` may hold entries.
+    any_called_off: bool,
     persister: Option<JoinHandle<()>>,
     pub(crate) times: HashMap<AgentId, IoTimes>,
     pub(crate) save_errors: u64,
@@ -180,6 +182,7 @@ impl Tiers {
             pending: HashMap::new(),
             deleted: HashSet::new(),
             called_off,
+            any_called_off: false,
             persister: Some(persister),
             times: HashMap::new(),
             save_errors: 0,
@@ -289,13 +292,11 @@ impl Tiers {
             self.in_flight -= 1;
             self.finish_save(done);
         }
-        if self.in_flight == 0 {
+        if self.in_flight == 0 && std::mem::take(&mut self.any_called_off) {
             // Nothing queued can be called off any more; later saves have
-            // newer versions.
-            let mut off = self.called_off.lock().unwrap_or_else(|e| e.into_inner());
-            if !off.is_empty() {
-                off.clear();
-            }
+            // newer versions. (The flag keeps the lock off the engine's
+            // every loop turn.)
+            self.called_off.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         if self.ttl_check_every().is_some_and(|every| self.last_ttl_check.elapsed() >= every) {
             self.last_ttl_check = Instant::now();
@@ -393,6 +394,7 @@ impl Tiers {
         if self.pending.remove(agent).is_some() {
             self.deleted.insert(agent.clone());
             self.called_off.lock().unwrap_or_else(|e| e.into_inner()).insert(agent.clone(), self.version);
+            self.any_called_off = true;
             found = true;
         }
         self.remove_file(agent) || found
